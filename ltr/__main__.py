@@ -1,0 +1,5 @@
+"""`python -m ltr`."""
+
+from .cli import main
+
+raise SystemExit(main())

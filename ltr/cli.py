@@ -1,0 +1,159 @@
+"""Command line: argument parsing only; every subcommand turns flags into a config and calls ltr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default="data", help="data root holding cifar-100-python/ (default: data)")
+    p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--preset", default="paper", help="paper | smoke (explicit flags override it)")
+    p.add_argument("--out", default=None, help="run directory (default: derived from the config)")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ltr` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="ltr",
+        description="Long-tailed recognition via weight balancing (WB, CVPR 2022) on CIFAR-LT.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="build CIFAR-LT and print its split sizes, groups and profile")
+    d.add_argument("--root", default="data", help="data root (default: data)")
+    d.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10")
+    d.add_argument("--imbalance", default="100", help="imbalance factor n_max / n_min (>= 1)")
+    d.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s1 = sub.add_parser("stage1", help="feature learning: train a backbone with cross-entropy")
+    s1.add_argument("--dataset", default=None, help="cifar100 | cifar10")
+    s1.add_argument("--imbalance", default=None, help="imbalance factor (default 100)")
+    s1.add_argument("--model", default=None, help="resnet34 | resnet32 | resnet8")
+    s1.add_argument("--wd", type=float, default=None, help="weight decay (paper: 5e-3; naive: 0)")
+    s1.add_argument("--epochs", type=int, default=None, help="epochs (paper: 200)")
+    s1.add_argument("--batch-size", type=int, default=None, help="images per step (paper: 64)")
+    s1.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
+    s1.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    s1.add_argument("--fidelity", default=None, help="corrected | official (the official quirks)")
+    s1.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
+    _add_runtime(s1)
+
+    s2 = sub.add_parser("stage2", help="classifier learning on a finished stage-1 run")
+    s2.add_argument("--from", dest="from_run", required=True, help="stage-1 run directory")
+    s2.add_argument("--loss", default=None, help="ce | cb (class-balanced)")
+    s2.add_argument("--cb-variant", default=None, help="standard | official (softmax + BCE)")
+    s2.add_argument("--wd", type=float, default=None, help="weight decay on the classifier (0.1)")
+    s2.add_argument("--maxnorm", type=float, default=None, help="MaxNorm thresh in (0, 1] (0.1)")
+    s2.add_argument("--pgd-every", default=None, help="step | epoch: when MaxNorm projects")
+    s2.add_argument("--unit-norm", action="store_true", default=None, help="keep rows at unit norm")
+    s2.add_argument("--posthoc", default=None, help="l2norm | tau-norm: normalise, no training")
+    s2.add_argument("--tau", type=float, default=None, help="tau of tau-norm (1.9)")
+    s2.add_argument("--trainable", default=None, help="fc | last2 (last conv + fc)")
+    s2.add_argument("--bn", default=None, help="eval | train (train = the official code's drift)")
+    s2.add_argument("--sampling", default=None, help="instance | balanced")
+    s2.add_argument("--epochs", type=int, default=None, help="epochs (paper: 10)")
+    s2.add_argument("--batch-size", type=int, default=None, help="images per step (paper: 64)")
+    s2.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
+    s2.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    _add_runtime(s2)
+    return parser
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.dataset not in DATASETS:
+        raise LtrError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
+    imbalance = check_imbalance(args.imbalance)
+    data = load_cifar_lt(args.root, args.dataset, imbalance, download=args.download)
+    info = data.summary()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{args.dataset}-LT, imbalance factor {imbalance:g}: {info['classes']} classes")
+    print(f"train {info['train']} images (long-tailed), test {info['test']} "
+          f"(validation {info['val']} + held-out {info['heldout']})")
+    g = info["groups"]
+    print(f"groups: many {g['many']} (>100 images), medium {g['medium']} (20..100), "
+          f"few {g['few']} (<20)")
+    print("images per class:")
+    counts = info["counts"]
+    for start in range(0, len(counts), 10):
+        print(f"  {start:3d}-{min(start + 9, len(counts) - 1):3d}: "
+              + " ".join(f"{n:5d}" for n in counts[start : start + 10]))
+    return 0
+
+
+def _report(metrics: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        keys = ("plain", "flip", "heldout", "val", "name", "epochs", "train_seconds")
+        print(json.dumps({"out": str(out), **{k: metrics.get(k) for k in keys}}))
+        return
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    print(f"run: {out}")
+    for kind in ("plain", "flip"):
+        m = metrics[kind]
+        print(f"  {kind:5s} all {fmt(m['all'])}  many {fmt(m['many'])}  "
+              f"medium {fmt(m['medium'])}  few {fmt(m['few'])}")
+
+
+def _stage(args: argparse.Namespace, stage: str) -> int:
+    from . import train
+
+    skip = {"command", "root", "download", "device", "compile", "preset", "out", "json", "quiet"}
+    fields = {k: v for k, v in vars(args).items() if k not in skip}
+    if stage == "stage1" and fields.get("imbalance") is not None:
+        fields["imbalance"] = check_imbalance(fields["imbalance"])
+    cfg = train.preset_config(stage, args.preset, **fields)
+    common = dict(root=args.root, device=args.device, download=args.download,
+                  compile=args.compile, progress=not args.quiet)
+    if stage == "stage1":
+        out = Path(args.out) if args.out else Path("exp/stage1") / train.run_name(cfg)
+        metrics = train.train_stage1(cfg, out, **common)
+    else:
+        if args.out:
+            out = Path(args.out)
+        else:
+            out = Path("exp/stage2") / Path(cfg.from_run).name / train.stage2_name(cfg)
+        metrics = train.train_stage2(cfg, out, **common)
+    _figures(out)
+    _report(metrics, out, args.json)
+    return 0
+
+
+def _figures(out: Path) -> None:
+    try:
+        from . import plots
+    except ImportError:  # plotting is optional for the command line
+        return
+    plots.run_figures(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ltr` and `ltr`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            return _data(args)
+        if args.command in ("stage1", "stage2"):
+            return _stage(args, args.command)
+    except LtrError as exc:
+        print(f"ltr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Backbones: torchvision ResNet-34 with a CIFAR stem, and He et al.'s CIFAR ResNet-32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from .data import LtrError
+
+
+class CifarResNet34(ResNet):
+    """torchvision's ResNet-34 with a 3x3 stride-1 stem and no max-pool (the official model)."""
+
+    def __init__(self, num_classes: int = 100) -> None:
+        super().__init__(BasicBlock, [3, 4, 6, 3], num_classes=num_classes)
+        # 32x32 inputs: a 7x7 stride-2 stem and a max-pool would throw away 15/16 of the pixels.
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 512-d feature vector."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.fc(self.features(x))
+
+    def last_conv(self) -> nn.Conv2d:
+        """The final convolution of the backbone (for 'last two layers' retraining)."""
+        return self.layer4[-1].conv2
+
+
+class _CifarBlock(nn.Module):
+    """BasicBlock with the parameter-free shortcut of He et al. (option A: subsample + zero-pad)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride = stride
+        self.pad = cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x
+        if self.stride != 1 or self.pad:
+            short = x[:, :, :: self.stride, :: self.stride]
+            half = self.pad // 2
+            short = F.pad(short, (0, 0, 0, 0, half, self.pad - half))
+        return F.relu(out + short)
+
+
+class CifarResNet(nn.Module):
+    """He et al. (2016) CIFAR ResNet of depth 6n+2: widths 16/32/64, strides 1/2/2."""
+
+    def __init__(self, depth: int = 32, num_classes: int = 100) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise LtrError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_CifarBlock(cin, width, stride if i == 0 else 1))
+                cin = width
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 64-d feature vector."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.fc(self.features(x))
+
+    def last_conv(self) -> nn.Conv2d:
+        """The final convolution of the backbone (for 'last two layers' retraining)."""
+        return self.layer3[-1].conv2
+
+
+# resnet8 is the same family at depth 8: small enough for CPU smoke runs and notebooks in CI.
+MODELS = {
+    "resnet34": lambda num_classes: CifarResNet34(num_classes),
+    "resnet32": lambda num_classes: CifarResNet(32, num_classes),
+    "resnet8": lambda num_classes: CifarResNet(8, num_classes),
+}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A backbone by name, with a Linear(num_features, num_classes) classifier `fc`."""
+    if name not in MODELS:
+        raise LtrError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())

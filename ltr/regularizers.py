@@ -1,0 +1,46 @@
+"""Weight balancing on the classifier: MaxNorm and unit-norm projections, L2-norm and tau-norm."""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Norm of each output row (class vector or conv filter)."""
+    return weight.detach().flatten(1).float().norm(dim=1)
+
+
+def maxnorm_threshold(weight: torch.Tensor, thresh: float = 0.1) -> float:
+    """delta = min norm + thresh * (max norm - min norm), from the weights as they are now."""
+    norms = row_norms(weight)
+    lo, hi = float(norms.min()), float(norms.max())
+    return lo + thresh * (hi - lo)
+
+
+@torch.no_grad()
+def project_max_norm(weight: torch.Tensor, delta: float | torch.Tensor) -> None:
+    """Rescale, in place, every row whose norm exceeds delta to norm delta; others untouched."""
+    norms = weight.flatten(1).norm(dim=1)
+    # clamp(max=1) leaves rows at or below delta exactly as they are (scale 1.0).
+    scale = (delta / norms.clamp_min(1e-12)).clamp(max=1.0)
+    weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+
+
+@torch.no_grad()
+def project_unit_norm(weight: torch.Tensor) -> None:
+    """Rescale, in place, every row to unit norm."""
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    weight.div_(norms.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+
+
+@torch.no_grad()
+def tau_normalize(weight: torch.Tensor, tau: float = 1.9) -> None:
+    """Kang et al.'s tau-normalisation in place: w_c <- w_c / ||w_c|| ** tau."""
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    weight.div_(norms.pow(tau).view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+
+
+@torch.no_grad()
+def l2_normalize(weight: torch.Tensor) -> None:
+    """Post-hoc L2 normalisation in place: tau-norm with tau = 1."""
+    tau_normalize(weight, 1.0)
