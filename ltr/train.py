@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
+from .config import (
+    Stage1Config,
+    Stage2Config,
+    preset_config,
+    run_name,
+    stage2_name,
+    validate_stage1,
+    validate_stage2,
+)
 from .data import DeviceLoader, LTData, LtrError, dataset_info, load_cifar_lt, resolve_device
 from .losses import make_loss
 from .metrics import evaluate, per_class_accuracy, predict_logits, weight_norms
-from .models import MODELS, build_model
+from .models import build_model
 from .regularizers import (
     l2_normalize,
     maxnorm_threshold,
@@ -29,176 +32,16 @@ from .regularizers import (
     project_unit_norm,
     tau_normalize,
 )
-
-# ---------------------------------------------------------------- configs
-
-
-@dataclass
-class Stage1Config:
-    """Feature learning (WB stage 1); defaults are the paper's tuned weight-decay recipe."""
-
-    dataset: str = "cifar100"  # cifar100 | cifar10
-    imbalance: float = 100.0  # imbalance factor n_max / n_min (ratio)
-    model: str = "resnet34"  # backbone name (resnet34 | resnet32 | resnet8)
-    method: str = "ce"  # ce = WB stage 1 (cross-entropy on instance batches)
-    epochs: int = 200  # passes over the long-tailed training set
-    batch_size: int = 64  # images per optimizer step
-    lr: float = 0.01  # peak learning rate; cosine to 0
-    momentum: float = 0.9  # SGD momentum
-    wd: float = 5e-3  # weight decay on every parameter, BN included (0 = the naive model)
-    seed: int = 0  # seeds initialisation and batch order
-    fidelity: str = "corrected"  # corrected = per-step cosine; official = epoch-stepped, fp32
-    eval_every: int = 10  # epochs between test evaluations shown in the progress bar
-
-
-@dataclass
-class Stage2Config:
-    """Classifier learning (WB stage 2) on top of a finished stage-1 run."""
-
-    from_run: str = ""  # stage-1 run directory to start from
-    loss: str = "ce"  # ce | cb (class-balanced, effective number)
-    cb_variant: str = "standard"  # standard = weighted CE; official = softmax + BCE
-    cb_beta: float = 0.9999  # beta of the effective number (1 - beta^n) / (1 - beta)
-    wd: float = 0.0  # weight decay on the trainable layers (0.1 in the "WD" rows)
-    maxnorm: float | None = None  # MaxNorm thresh in (0, 1]; None = no MaxNorm
-    pgd_every: str = "step"  # step = project after every step (paper); epoch = official code
-    unit_norm: bool = False  # keep classifier rows at unit norm (the "& L2norm" rows)
-    posthoc: str | None = None  # l2norm | tau-norm: no training, normalise fc.weight
-    tau: float = 1.9  # exponent of tau-norm
-    trainable: str = "fc"  # fc | last2 (last conv + fc; our reading of "last two layers")
-    bn: str = "eval"  # eval = frozen BN statistics; train = the official code's drift
-    sampling: str = "instance"  # instance | balanced (class-uniform batches)
-    epochs: int = 10  # passes over the long-tailed training set
-    batch_size: int = 64  # images per optimizer step
-    lr: float = 0.01  # peak learning rate; cosine to 0
-    momentum: float = 0.9  # SGD momentum
-    seed: int = 0  # seeds batch order
-    eval_every: int = 1  # epochs between test evaluations shown in the progress bar
-
-
-PRESETS: dict[str, dict[str, dict]] = {
-    "paper": {"stage1": {}, "stage2": {}},
-    # Well under a minute on a 2-core CPU on the synthetic test data; not a paper result.
-    "smoke": {
-        "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
-        "stage2": {"epochs": 2, "batch_size": 128},
-    },
-}
-
-
-def preset_config(stage: str, preset: str = "paper", **overrides: object) -> Stage1Config | Stage2Config:
-    """A stage's config from a preset, with explicit fields taking precedence."""
-    if preset not in PRESETS:
-        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cls = Stage1Config if stage == "stage1" else Stage2Config
-    values = {**PRESETS[preset][stage], **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise LtrError(f"unknown {stage} config fields {unknown}")
-    return cls(**values)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}".replace("e-0", "e-")
-
-
-def run_name(cfg: Stage1Config) -> str:
-    """A stage-1 run directory name that says what it is, e.g. cifar100-if100-resnet34-wd5e-3-s0."""
-    parts = [cfg.dataset, f"if{_fmt(cfg.imbalance)}", cfg.model]
-    if cfg.method != "ce":
-        parts.append(cfg.method)
-    parts += [f"wd{_fmt(cfg.wd)}", f"e{cfg.epochs}"]
-    if cfg.fidelity != "corrected":
-        parts.append(cfg.fidelity)
-    return "-".join(parts + [f"s{cfg.seed}"])
-
-
-def validate_stage1(cfg: Stage1Config) -> None:
-    """Reject configs that cannot run, naming the field and the fix."""
-    dataset_info(cfg.dataset)
-    from .data import check_imbalance
-
-    check_imbalance(cfg.imbalance)
-    if cfg.model not in MODELS:
-        raise LtrError(f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}")
-    if cfg.method != "ce":
-        raise LtrError(f"unknown stage-1 method {cfg.method!r}; use 'ce'")
-    if cfg.fidelity not in ("corrected", "official"):
-        raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
-    _check_common(cfg)
-
-
-def _check_common(cfg: Stage1Config | Stage2Config) -> None:
-    if cfg.epochs < 0 or cfg.batch_size < 1:
-        raise LtrError("epochs must be >= 0 and batch size >= 1")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise LtrError(f"learning rate must be a positive number, got {cfg.lr}")
-    if cfg.wd < 0:
-        raise LtrError(f"weight decay must be >= 0, got {cfg.wd}")
-    if cfg.eval_every < 1:
-        raise LtrError("eval_every must be >= 1 epoch")
-
-
-def validate_stage2(cfg: Stage2Config) -> None:
-    """Reject stage-2 configs that cannot run or contradict themselves."""
-    _check_common(cfg)
-    choices = {
-        "loss": ("ce", "cb"),
-        "cb_variant": ("standard", "official"),
-        "pgd_every": ("step", "epoch"),
-        "trainable": ("fc", "last2"),
-        "bn": ("eval", "train"),
-        "sampling": ("instance", "balanced"),
-        "posthoc": (None, "l2norm", "tau-norm"),
-    }
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise LtrError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
-    if cfg.maxnorm is not None and not (0 < cfg.maxnorm <= 1):
-        raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of SPEC 4), got {cfg.maxnorm}")
-    if cfg.tau < 0:
-        raise LtrError(f"--tau must be >= 0, got {cfg.tau}")
-    if cfg.maxnorm is not None and cfg.unit_norm:
-        raise LtrError("--maxnorm and --unit-norm both constrain the rows; pick one")
-    if cfg.posthoc is not None:
-        trained = {
-            "--loss cb": cfg.loss != "ce",
-            "--wd": cfg.wd != 0,
-            "--maxnorm": cfg.maxnorm is not None,
-            "--unit-norm": cfg.unit_norm,
-            "--trainable last2": cfg.trainable != "fc",
-            "--bn train": cfg.bn != "eval",
-            "--sampling balanced": cfg.sampling != "instance",
-        }
-        clash = [flag for flag, on in trained.items() if on]
-        if clash:
-            raise LtrError(
-                f"--posthoc {cfg.posthoc} normalises a trained classifier without training; "
-                f"it cannot be combined with {', '.join(clash)}. Drop those flags, or drop "
-                "--posthoc to retrain"
-            )
-
-
-def stage2_name(cfg: Stage2Config) -> str:
-    """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
-    if cfg.posthoc:
-        return cfg.posthoc + (f"{_fmt(cfg.tau)}" if cfg.posthoc == "tau-norm" else "")
-    parts = [cfg.loss] if cfg.loss == "ce" or cfg.cb_variant == "standard" else ["cb-official"]
-    if cfg.trainable != "fc":
-        parts.insert(0, cfg.trainable)
-    if cfg.sampling != "instance":
-        parts.append(cfg.sampling)
-    if cfg.wd:
-        parts.append(f"wd{_fmt(cfg.wd)}")
-    if cfg.maxnorm is not None:
-        parts.append(f"max{_fmt(cfg.maxnorm)}" + ("-epoch" if cfg.pgd_every == "epoch" else ""))
-    if cfg.unit_norm:
-        parts.append("unitnorm")
-    if cfg.bn != "eval":
-        parts.append("bntrain")
-    return "-".join(parts + [f"e{cfg.epochs}", f"s{cfg.seed}"])
-
+from .rundir import (
+    RunLock,
+    claim_run_dir,
+    load_checkpoint,
+    read_json,
+    runtime_info,
+    save_torch,
+    write_history,
+    write_json,
+)
 
 # ---------------------------------------------------------------- schedule
 
@@ -212,161 +55,6 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, fidelity: str = "cor
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch + 1, epochs) / epochs))
     total = max(steps_per_epoch * epochs, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-# ---------------------------------------------------------------- run directories
-
-
-def git_commit() -> str:
-    """The commit of the checkout this package runs from, or 'unknown'."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file by temp file + rename, so a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Atomic, indented JSON."""
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def save_torch(path: Path, obj: object) -> None:
-    """Atomic torch.save."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """torch.load with weights_only=True and an error that says what is wrong."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise LtrError(
-            f"{path} is corrupt or not an ltr checkpoint ({type(exc).__name__}); delete it to "
-            "retrain this run, or point to the right run directory"
-        ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise LtrError(f"{path} is not an ltr checkpoint (no 'model' entry)")
-    return ckpt
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON file, with a clear error when it is damaged."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise LtrError(f"{path} is not valid JSON ({exc}); delete the run directory") from None
-
-
-class RunLock:
-    """An O_EXCL lock file, so two processes never write one run directory."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self.held = False
-
-    def __enter__(self) -> RunLock:
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._holder_alive():
-                    raise LtrError(
-                        f"another process ({self.path.read_text().strip()}) is writing "
-                        f"{self.path.parent}; wait for it to finish or choose another --out"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # left by a process that died
-                continue
-            os.write(fd, me.encode())
-            os.close(fd)
-            self.held = True
-            return self
-        raise LtrError(f"could not lock {self.path.parent}")
-
-    def _holder_alive(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname():
-            return True  # cannot check another machine: assume it is alive
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-
-
-def _runtime(device: torch.device, amp: bool, compile: bool, root: str) -> dict:
-    return {
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "amp_bf16": amp,
-        "compile": compile,
-        "root": str(root),
-        "ltr_version": __version__,
-        "torch": torch.__version__,
-        "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _claim_run_dir(out: Path, stage: str, config: dict) -> dict | None:
-    """Check an existing run directory: finished -> its metrics; another config -> refuse."""
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        old = read_json(cfg_path)
-        if old.get("stage") != stage:
-            raise LtrError(
-                f"{out} holds a {old.get('stage')} run, not a {stage} run; choose another --out"
-            )
-        prev = old.get("config", {})
-        diff = sorted(k for k in set(prev) | set(config) if prev.get(k) != config.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: {prev.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise LtrError(
-                f"{out} holds a run with a different config ({detail}); it is kept as it is. "
-                "Choose another --out, or delete that directory to redo it"
-            )
-        if (out / "metrics.json").exists():
-            return read_json(out / "metrics.json")
-    return None
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- the loop
@@ -451,7 +139,7 @@ def _fit(
                 "history": history,
             },
         )
-        _write_history(out / "history.csv", history)
+        write_history(out / "history.csv", history)
 
     bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not progress, unit="ep")
     for epoch in range(start, job.epochs):
@@ -575,7 +263,7 @@ def train_stage1(
     validate_stage1(cfg)
     out = Path(out) if out is not None else Path("exp/stage1") / run_name(cfg)
     config = asdict(cfg)
-    done = _claim_run_dir(out, "stage1", config)
+    done = claim_run_dir(out, "stage1", config)
     if done is not None:
         return done
     dev, amp = _setup(device, amp, cfg.fidelity)
@@ -586,7 +274,7 @@ def train_stage1(
         if not (out / "config.json").exists():
             write_json(
                 out / "config.json",
-                {"stage": "stage1", "config": config, "runtime": _runtime(dev, amp, compile, str(root))},
+                {"stage": "stage1", "config": config, "runtime": runtime_info(dev, amp, compile, str(root))},
             )
         torch.manual_seed(cfg.seed)
         model = _prepare_model(build_model(cfg.model, data.num_classes), dev)
@@ -690,7 +378,7 @@ def train_stage2(
         out = Path("exp/stage2") / Path(cfg.from_run).name / stage2_name(cfg)
     out = Path(out)
     config = asdict(cfg)
-    done = _claim_run_dir(out, "stage2", config)
+    done = claim_run_dir(out, "stage2", config)
     if done is not None:
         return done
     dev, amp = _setup(device, amp, "corrected")
@@ -708,7 +396,7 @@ def train_stage2(
             write_json(
                 out / "config.json",
                 {"stage": "stage2", "config": config, "stage1": asdict(s1),
-                 "runtime": _runtime(dev, amp, compile, str(root))},
+                 "runtime": runtime_info(dev, amp, compile, str(root))},
             )
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
@@ -788,8 +476,3 @@ def stage2_from(run: str | os.PathLike, preset: str = "paper", **fields_: object
     """A stage-2 config on top of a stage-1 run directory, from a preset plus fields."""
     cfg = preset_config("stage2", preset, **fields_)
     return replace(cfg, from_run=str(run))
-
-
-def iter_runs(root: str | os.PathLike) -> Iterable[Path]:
-    """Every finished run directory (one holding metrics.json) below root."""
-    return sorted(p.parent for p in Path(root).rglob("metrics.json"))

@@ -1,0 +1,174 @@
+"""Stage configs (one dataclass per stage, units in comments), presets, validation and run names."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .data import LtrError, check_imbalance, dataset_info
+from .models import MODELS
+
+
+@dataclass
+class Stage1Config:
+    """Feature learning (WB stage 1); defaults are the paper's tuned weight-decay recipe."""
+
+    dataset: str = "cifar100"  # cifar100 | cifar10
+    imbalance: float = 100.0  # imbalance factor n_max / n_min (ratio)
+    model: str = "resnet34"  # backbone name (resnet34 | resnet32 | resnet8)
+    method: str = "ce"  # ce = WB stage 1 (cross-entropy on instance batches)
+    epochs: int = 200  # passes over the long-tailed training set
+    batch_size: int = 64  # images per optimizer step
+    lr: float = 0.01  # peak learning rate; cosine to 0
+    momentum: float = 0.9  # SGD momentum
+    wd: float = 5e-3  # weight decay on every parameter, BN included (0 = the naive model)
+    seed: int = 0  # seeds initialisation and batch order
+    fidelity: str = "corrected"  # corrected = per-step cosine; official = epoch-stepped, fp32
+    eval_every: int = 10  # epochs between test evaluations shown in the progress bar
+
+
+@dataclass
+class Stage2Config:
+    """Classifier learning (WB stage 2) on top of a finished stage-1 run."""
+
+    from_run: str = ""  # stage-1 run directory to start from
+    loss: str = "ce"  # ce | cb (class-balanced, effective number)
+    cb_variant: str = "standard"  # standard = weighted CE; official = softmax + BCE
+    cb_beta: float = 0.9999  # beta of the effective number (1 - beta^n) / (1 - beta)
+    wd: float = 0.0  # weight decay on the trainable layers (0.1 in the "WD" rows)
+    maxnorm: float | None = None  # MaxNorm thresh in (0, 1]; None = no MaxNorm
+    pgd_every: str = "step"  # step = project after every step (paper); epoch = official code
+    unit_norm: bool = False  # keep classifier rows at unit norm (the "& L2norm" rows)
+    posthoc: str | None = None  # l2norm | tau-norm: no training, normalise fc.weight
+    tau: float = 1.9  # exponent of tau-norm
+    trainable: str = "fc"  # fc | last2 (last conv + fc; our reading of "last two layers")
+    bn: str = "eval"  # eval = frozen BN statistics; train = the official code's drift
+    sampling: str = "instance"  # instance | balanced (class-uniform batches)
+    epochs: int = 10  # passes over the long-tailed training set
+    batch_size: int = 64  # images per optimizer step
+    lr: float = 0.01  # peak learning rate; cosine to 0
+    momentum: float = 0.9  # SGD momentum
+    seed: int = 0  # seeds batch order
+    eval_every: int = 1  # epochs between test evaluations shown in the progress bar
+
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {"stage1": {}, "stage2": {}},
+    # Well under a minute on a 2-core CPU on the synthetic test data; not a paper result.
+    "smoke": {
+        "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
+        "stage2": {"epochs": 2, "batch_size": 128},
+    },
+}
+
+
+def preset_config(stage: str, preset: str = "paper", **overrides: object) -> Stage1Config | Stage2Config:
+    """A stage's config from a preset, with explicit fields taking precedence."""
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cls = Stage1Config if stage == "stage1" else Stage2Config
+    values = {**PRESETS[preset][stage], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LtrError(f"unknown {stage} config fields {unknown}")
+    return cls(**values)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}".replace("e-0", "e-")
+
+
+def run_name(cfg: Stage1Config) -> str:
+    """A stage-1 run directory name that says what it is, e.g. cifar100-if100-resnet34-wd5e-3-s0."""
+    parts = [cfg.dataset, f"if{_fmt(cfg.imbalance)}", cfg.model]
+    if cfg.method != "ce":
+        parts.append(cfg.method)
+    parts += [f"wd{_fmt(cfg.wd)}", f"e{cfg.epochs}"]
+    if cfg.fidelity != "corrected":
+        parts.append(cfg.fidelity)
+    return "-".join(parts + [f"s{cfg.seed}"])
+
+
+def validate_stage1(cfg: Stage1Config) -> None:
+    """Reject configs that cannot run, naming the field and the fix."""
+    dataset_info(cfg.dataset)
+    check_imbalance(cfg.imbalance)
+    if cfg.model not in MODELS:
+        raise LtrError(f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}")
+    if cfg.method != "ce":
+        raise LtrError(f"unknown stage-1 method {cfg.method!r}; use 'ce'")
+    if cfg.fidelity not in ("corrected", "official"):
+        raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
+    _check_common(cfg)
+
+
+def _check_common(cfg: Stage1Config | Stage2Config) -> None:
+    if cfg.epochs < 0 or cfg.batch_size < 1:
+        raise LtrError("epochs must be >= 0 and batch size >= 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise LtrError(f"learning rate must be a positive number, got {cfg.lr}")
+    if cfg.wd < 0:
+        raise LtrError(f"weight decay must be >= 0, got {cfg.wd}")
+    if cfg.eval_every < 1:
+        raise LtrError("eval_every must be >= 1 epoch")
+
+
+def validate_stage2(cfg: Stage2Config) -> None:
+    """Reject stage-2 configs that cannot run or contradict themselves."""
+    _check_common(cfg)
+    choices = {
+        "loss": ("ce", "cb"),
+        "cb_variant": ("standard", "official"),
+        "pgd_every": ("step", "epoch"),
+        "trainable": ("fc", "last2"),
+        "bn": ("eval", "train"),
+        "sampling": ("instance", "balanced"),
+        "posthoc": (None, "l2norm", "tau-norm"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise LtrError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
+    if cfg.maxnorm is not None and not (0 < cfg.maxnorm <= 1):
+        raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of SPEC 4), got {cfg.maxnorm}")
+    if cfg.tau < 0:
+        raise LtrError(f"--tau must be >= 0, got {cfg.tau}")
+    if cfg.maxnorm is not None and cfg.unit_norm:
+        raise LtrError("--maxnorm and --unit-norm both constrain the rows; pick one")
+    if cfg.posthoc is not None:
+        trained = {
+            "--loss cb": cfg.loss != "ce",
+            "--wd": cfg.wd != 0,
+            "--maxnorm": cfg.maxnorm is not None,
+            "--unit-norm": cfg.unit_norm,
+            "--trainable last2": cfg.trainable != "fc",
+            "--bn train": cfg.bn != "eval",
+            "--sampling balanced": cfg.sampling != "instance",
+        }
+        clash = [flag for flag, on in trained.items() if on]
+        if clash:
+            raise LtrError(
+                f"--posthoc {cfg.posthoc} normalises a trained classifier without training; "
+                f"it cannot be combined with {', '.join(clash)}. Drop those flags, or drop "
+                "--posthoc to retrain"
+            )
+
+
+def stage2_name(cfg: Stage2Config) -> str:
+    """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
+    if cfg.posthoc:
+        return cfg.posthoc + (f"{_fmt(cfg.tau)}" if cfg.posthoc == "tau-norm" else "")
+    parts = [cfg.loss] if cfg.loss == "ce" or cfg.cb_variant == "standard" else ["cb-official"]
+    if cfg.trainable != "fc":
+        parts.insert(0, cfg.trainable)
+    if cfg.sampling != "instance":
+        parts.append(cfg.sampling)
+    if cfg.wd:
+        parts.append(f"wd{_fmt(cfg.wd)}")
+    if cfg.maxnorm is not None:
+        parts.append(f"max{_fmt(cfg.maxnorm)}" + ("-epoch" if cfg.pgd_every == "epoch" else ""))
+    if cfg.unit_norm:
+        parts.append("unitnorm")
+    if cfg.bn != "eval":
+        parts.append("bntrain")
+    return "-".join(parts + [f"e{cfg.epochs}", f"s{cfg.seed}"])
