@@ -1,0 +1,199 @@
+"""Stage 2: losses, regularizers, and classifier retraining invariants on a smoke stage-1 run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltr.config import Stage1Config
+from ltr.data import LtrError, load_cifar_lt
+from ltr.losses import (
+    balanced_softmax,
+    class_balanced_ce,
+    class_balanced_softmax_bce,
+    class_balanced_weights,
+    logit_adjusted_ce,
+)
+from ltr.regularizers import (
+    l2_normalize,
+    maxnorm_threshold,
+    project_max_norm,
+    project_unit_norm,
+    tau_normalize,
+)
+from ltr.train import stage2_from, train_stage1, train_stage2
+
+S1 = Stage1Config(dataset="cifar10", imbalance=10, model="resnet8", epochs=2, batch_size=64, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def stage1(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("s1") / "run"
+    train_stage1(S1, out, root=small_root, device="cpu", progress=False)
+    return out
+
+
+def _s2(stage1: Path, root: Path, out: Path, **kw: object) -> dict:
+    cfg = stage2_from(stage1, "paper", epochs=kw.pop("epochs", 2), **kw)
+    return train_stage2(cfg, out, root=root, device="cpu", progress=False)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "ckpt.pt", weights_only=True)["model"]
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_class_balanced_weights_hand_example() -> None:
+    counts, beta = [100, 10, 1], 0.9
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
+    expect = [3 * r / sum(raw) for r in raw]
+    got = class_balanced_weights(counts, beta)
+    assert got.tolist() == pytest.approx(expect, rel=1e-6)
+    assert float(got.sum()) == pytest.approx(3.0)
+    assert got[2] > got[1] > got[0]
+
+
+def test_cb_losses_match_definitions() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    w = class_balanced_weights([50, 20, 10, 5, 2])
+    ce = -torch.log_softmax(logits, 1)[torch.arange(8), y]
+    assert float(class_balanced_ce(logits, y, w)) == pytest.approx(float((w[y] * ce).mean()), rel=1e-6)
+    p = torch.softmax(logits, 1)
+    onehot = F.one_hot(y, 5).float()
+    bce = -(onehot * torch.log(p) + (1 - onehot) * torch.log(1 - p))
+    expect = (w[y][:, None] * bce).mean()
+    assert float(class_balanced_softmax_bce(logits, y, w)) == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_logit_adjustment() -> None:
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    prior = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert float(logit_adjusted_ce(logits, y, prior, 0.0)) == pytest.approx(float(F.cross_entropy(logits, y)))
+    assert float(balanced_softmax(logits, y, prior)) == pytest.approx(
+        float(F.cross_entropy(logits + prior, y)))
+
+
+# ---------------------------------------------------------------- regularizers
+
+
+def test_maxnorm_projection_rows() -> None:
+    w = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 2.0]])
+    delta = maxnorm_threshold(w, 0.1)
+    assert delta == pytest.approx(1.0 + 0.1 * (5.0 - 1.0))
+    below = w[1].clone()
+    project_max_norm(w, delta)
+    assert w.norm(dim=1).tolist() == pytest.approx([delta, 1.0, delta])
+    assert torch.equal(w[1], below)  # a row under the threshold is not touched
+
+
+def test_tau_and_l2_norm_formulas() -> None:
+    w = torch.randn(5, 7)
+    n = w.norm(dim=1, keepdim=True)
+    t = w.clone()
+    tau_normalize(t, 1.9)
+    assert torch.allclose(t, w / n**1.9)
+    u = w.clone()
+    l2_normalize(u)
+    assert torch.allclose(u.norm(dim=1), torch.ones(5))
+    v = w.clone()
+    project_unit_norm(v)
+    assert torch.allclose(u, v)
+
+
+# ---------------------------------------------------------------- stage-2 runs
+
+
+@pytest.mark.parametrize(("posthoc", "tau"), [("tau-norm", 1.9), ("l2norm", 1.0)])
+def test_posthoc_changes_only_fc_weight(stage1: Path, small_root: Path, tmp_path: Path, posthoc: str,
+                                        tau: float) -> None:
+    m = _s2(stage1, small_root, tmp_path / posthoc, posthoc=posthoc, tau=1.9)
+    before, after = _state(stage1), _state(tmp_path / posthoc)
+    n = before["fc.weight"].norm(dim=1, keepdim=True)
+    assert torch.allclose(after["fc.weight"], before["fc.weight"] / n**tau, atol=1e-6)
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "fc.weight")
+    assert m["epochs"] == 0 and m["posthoc"] == posthoc
+
+
+def test_cb_wd_maxnorm_invariants(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    before = _state(stage1)
+    delta = maxnorm_threshold(before["fc.weight"], 0.1)
+    m = _s2(stage1, small_root, tmp_path / "max", loss="cb", wd=0.1, maxnorm=0.1)
+    after = _state(tmp_path / "max")
+    assert (after["fc.weight"].norm(dim=1) <= delta + 1e-6).all()
+    assert m["maxnorm_thresholds"] == [pytest.approx(delta)]
+    frozen = [k for k in before if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen), "frozen weights or BN buffers moved"
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_bn_train_reproduces_drift(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    _s2(stage1, small_root, tmp_path / "bn", loss="cb", bn="train", epochs=1)
+    before, after = _state(stage1), _state(tmp_path / "bn")
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"])
+
+
+def test_weight_decay_lowers_classifier_norms(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    plain = _s2(stage1, small_root, tmp_path / "nowd", loss="cb")
+    wd = _s2(stage1, small_root, tmp_path / "wd", loss="cb", wd=0.1)
+    assert sum(wd["weight_norms"]) < sum(plain["weight_norms"])
+
+
+def test_last_two_layers(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    _s2(stage1, small_root, tmp_path / "last2", loss="cb", wd=0.1, maxnorm=0.1, trainable="last2", epochs=1)
+    before, after = _state(stage1), _state(tmp_path / "last2")
+    key = "layer3.0.conv2.weight"  # resnet8: the last block's second conv
+    assert not torch.equal(before[key], after[key])
+    delta = maxnorm_threshold(before[key], 0.1)
+    assert (after[key].flatten(1).norm(dim=1) <= delta + 1e-6).all()
+    assert torch.equal(before["layer3.0.bn2.running_var"], after["layer3.0.bn2.running_var"])
+    assert torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
+
+
+def test_unit_norm_retraining(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    m = _s2(stage1, small_root, tmp_path / "unit", unit_norm=True, epochs=1)
+    assert all(math.isclose(n, 1.0, rel_tol=1e-5) for n in m["weight_norms"])
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"maxnorm": 0.0}, "maxnorm"), ({"maxnorm": 1.5}, "maxnorm"), ({"tau": -1.0}, "tau"),
+     ({"posthoc": "l2norm", "wd": 0.1}, "--wd"), ({"loss": "focal"}, "loss")],
+)
+def test_bad_stage2_config(stage1: Path, small_root: Path, tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(LtrError, match=match):
+        _s2(stage1, small_root, tmp_path / "bad", **kw)
+
+
+def test_from_missing_or_unfinished_run(small_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(LtrError, match="not a stage-1 run directory"):
+        _s2(tmp_path / "nope", small_root, tmp_path / "o")
+    part = tmp_path / "part"
+    train_stage1(S1, part, root=small_root, device="cpu", progress=False, stop_after=1)
+    with pytest.raises(LtrError, match="not finished"):
+        _s2(part, small_root, tmp_path / "o2")
+
+
+def test_class_count_mismatch(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    data = load_cifar_lt(small_root, "cifar100", 100)
+    with pytest.raises(LtrError, match="10 classes but the data has 100"):
+        train_stage2(stage2_from(stage1, "paper"), tmp_path / "m", data=data, device="cpu", progress=False)
+
+
+def test_architecture_mismatch(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(stage1, other)
+    cfg = (other / "config.json").read_text().replace('"resnet8"', '"resnet32"')
+    (other / "config.json").write_text(cfg)
+    with pytest.raises(LtrError, match="does not match a resnet32"):
+        _s2(other, small_root, tmp_path / "o")

@@ -1,0 +1,162 @@
+"""Stage 1: the trainer learns, resumes bit-identically, writes its run directory, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltr.config import Stage1Config, preset_config, run_name
+from ltr.data import LtrError, load_cifar_lt
+from ltr.rundir import RunLock
+from ltr.train import lr_factor, train_stage1
+
+TINY = dict(dataset="cifar10", imbalance=10, model="resnet8", epochs=2, batch_size=64, lr=0.05,
+            eval_every=1)
+
+
+def _run(root: Path, out: Path, **kw: object) -> dict:
+    cfg = Stage1Config(**{**TINY, **kw})
+    return train_stage1(cfg, out, root=root, device="cpu", progress=False)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_smoke_run_learns_and_writes_run_dir(small_root: Path, tmp_path: Path) -> None:
+    cfg = preset_config("stage1", "smoke")
+    out = tmp_path / run_name(cfg)
+    m = train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "history.csv", "metrics.json", "ckpt.pt"}
+    assert m["plain"]["all"] > 20  # chance is 1%
+    assert m["plain"]["many"] > 80
+    for key in ("plain", "flip"):
+        assert set(m[key]) == {"all", "many", "medium", "few"}
+    assert len(m["per_class_acc"]) == len(m["weight_norms"]) == len(m["marginal_likelihood"]) == 100
+    assert math.isclose(sum(m["marginal_likelihood"]), 1.0, rel_tol=1e-4)
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["config"]["seed"] == 0 and cfg_json["runtime"]["ltr_version"]
+    assert "git_commit" in cfg_json["runtime"]
+    hist = (out / "history.csv").read_text().splitlines()
+    assert len(hist) == 1 + cfg.epochs and "wn_99" in hist[0]
+    assert not (out / ".lock").exists()
+
+
+def test_kill_and_resume_is_bit_identical(small_root: Path, tmp_path: Path) -> None:
+    _run(small_root, tmp_path / "full")
+    cfg = Stage1Config(**TINY)
+    part = train_stage1(cfg, tmp_path / "resumed", root=small_root, device="cpu", progress=False,
+                        stop_after=1)
+    assert part == {"finished": False, "epoch": 1}
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["epoch"] == 1
+    train_stage1(cfg, tmp_path / "resumed", root=small_root, device="cpu", progress=False)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "history.csv").read_text().count("\n") == 3
+
+
+def test_same_seed_same_weights_and_finished_run_not_redone(small_root: Path, tmp_path: Path) -> None:
+    _run(small_root, tmp_path / "a", epochs=1)
+    _run(small_root, tmp_path / "b", epochs=1)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stamp = os.stat(tmp_path / "a" / "ckpt.pt").st_mtime_ns
+    again = _run(small_root, tmp_path / "a", epochs=1)
+    assert os.stat(tmp_path / "a" / "ckpt.pt").st_mtime_ns == stamp
+    assert again == json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+
+def test_weight_decay_shrinks_and_evens_norms(small_root: Path, tmp_path: Path) -> None:
+    naive = _run(small_root, tmp_path / "wd0", wd=0.0, epochs=3)
+    tuned = _run(small_root, tmp_path / "wd", wd=5e-3, epochs=3)
+    n0, n1 = torch.tensor(naive["weight_norms"]), torch.tensor(tuned["weight_norms"])
+    assert n1.mean() < n0.mean()
+
+
+def test_official_schedule_differs_as_spec_says() -> None:
+    spe, epochs = 10, 4
+    ours = [lr_factor(s, spe, epochs) for s in range(spe * epochs)]
+    off = [lr_factor(s, spe, epochs, "official") for s in range(spe * epochs)]
+    assert ours[0] == 1.0 and ours[1] < 1.0  # per-step cosine from the full rate
+    assert off[0] == off[spe - 1] == pytest.approx(0.5 * (1 + math.cos(math.pi / epochs)))
+    assert off[-1] == pytest.approx(0.0, abs=1e-12)  # the last epoch runs at zero
+    assert len(set(off)) == epochs
+
+
+def test_official_fidelity_recorded(small_root: Path, tmp_path: Path) -> None:
+    _run(small_root, tmp_path / "off", fidelity="official", epochs=1)
+    cfg = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert cfg["config"]["fidelity"] == "official" and cfg["runtime"]["amp_bf16"] is False
+
+
+def test_refuses_other_config_in_out(small_root: Path, tmp_path: Path) -> None:
+    _run(small_root, tmp_path / "r", epochs=1)
+    before = (tmp_path / "r" / "metrics.json").read_text()
+    with pytest.raises(LtrError, match=r"wd: 0\.005 -> 0\.0"):
+        _run(small_root, tmp_path / "r", epochs=1, wd=0.0)
+    assert (tmp_path / "r" / "metrics.json").read_text() == before
+
+
+def test_lock_stops_second_writer(small_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    out.mkdir()
+    with RunLock(out), pytest.raises(LtrError, match="another process"):
+        _run(small_root, out, epochs=1)
+    # a lock left by a dead process is taken over
+    (out / ".lock").write_text(f"{os.uname().nodename} 999999999")
+    _run(small_root, out, epochs=1)
+
+
+def test_nan_loss_keeps_last_good_checkpoint(small_root: Path, tmp_path: Path) -> None:
+    cfg = Stage1Config(**{**TINY, "epochs": 3})
+    out = tmp_path / "nan"
+    train_stage1(cfg, out, root=small_root, device="cpu", progress=False, stop_after=1)
+    good = _weights(out)
+    # Poison the saved classifier: the resumed epoch's loss is NaN without changing the config.
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["model"]["fc.weight"] = torch.full_like(ckpt["model"]["fc.weight"], float("nan"))
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(LtrError, match=r"epoch 2.*lower --lr"):
+        train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
+    kept = torch.load(out / "ckpt.pt", weights_only=True)
+    assert kept["epoch"] == 1 and not (out / "metrics.json").exists()
+    assert torch.equal(kept["model"]["layer1.0.conv1.weight"], good["layer1.0.conv1.weight"])
+
+
+def test_diverging_lr_is_reported(small_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(LtrError, match="lower --lr"):
+        _run(small_root, tmp_path / "big", lr=1e12, epochs=1)
+
+
+def test_corrupt_checkpoint(small_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "corrupt"
+    cfg = Stage1Config(**TINY)
+    train_stage1(cfg, out, root=small_root, device="cpu", progress=False, stop_after=1)
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LtrError, match="corrupt"):
+        train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("model", "vgg", "resnet34"), ("dataset", "mnist", "cifar100"), ("fidelity", "x", "official"),
+     ("imbalance", 0.5, "imbalance")],
+)
+def test_bad_stage1_config(small_root: Path, tmp_path: Path, field: str, value: object, match: str) -> None:
+    with pytest.raises(LtrError, match=match):
+        train_stage1(replace(Stage1Config(**TINY), **{field: value}), tmp_path / "x", root=small_root,
+                     device="cpu", progress=False)
+
+
+def test_data_passed_in_is_used(small_root: Path, tmp_path: Path) -> None:
+    data = load_cifar_lt(small_root, "cifar10", 10)
+    cfg = Stage1Config(**{**TINY, "epochs": 1})
+    m = train_stage1(cfg, tmp_path / "d", root="/nonexistent", data=data, device="cpu", progress=False)
+    assert m["counts"] == data.counts
