@@ -31,7 +31,10 @@ def test_count_profile_totals(dataset: str, imbalance: int) -> None:
     assert counts[0] == n_max and counts == sorted(counts, reverse=True)
 
 
-@pytest.mark.parametrize(("imbalance", "groups"), [(100, (35, 35, 30)), (50, (41, 41, 18)), (10, (69, 31, 0))])
+GROUPS = [(100, (35, 35, 30)), (50, (41, 41, 18)), (10, (69, 31, 0))]
+
+
+@pytest.mark.parametrize(("imbalance", "groups"), GROUPS)
 def test_group_sizes(imbalance: int, groups: tuple[int, int, int]) -> None:
     g = D.class_groups(D.long_tail_counts(500, 100, imbalance))
     assert (len(g["many"]), len(g["medium"]), len(g["few"])) == groups
