@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
     s2.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     _add_runtime(s2)
+
+    t = sub.add_parser("table1", help="regenerate WB Table 1 (and Table 2) with every run it needs")
+    t.add_argument("--root", default="data", help="data root (default: data)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    t.add_argument("--preset", default="paper", help="paper | smoke")
+    t.add_argument("--imbalance", nargs="+", default=["100"], help="imbalance factors (default: 100)")
+    t.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10 (WB's tables: cifar100)")
+    t.add_argument("--out", default=None, help="output folder (default: exp/table1[-PRESET])")
+    t.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
+    t.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
+    t.add_argument("--no-figures", action="store_true", help="skip the figures")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="time ltr's training step against a plain DataLoader/PIL loop")
+    bench.add_arguments(b)
     return parser
 
 
@@ -141,6 +160,21 @@ def _figures(out: Path) -> None:
     plots.run_figures(out)
 
 
+def _table1(args: argparse.Namespace) -> int:
+    from .tables import run_table
+
+    imbalances = [check_imbalance(i) for i in args.imbalance]
+    out = Path(args.out or ("exp/table1" if args.preset == "paper" else f"exp/table1-{args.preset}"))
+    files = run_table(
+        root=args.root, out=out, preset=args.preset, seeds=args.seeds, imbalances=imbalances,
+        dataset=args.dataset, device=args.device, download=args.download, compile=args.compile,
+        progress=not args.quiet, allow_cpu=args.allow_cpu, figures=not args.no_figures,
+    )
+    print((out / "table1.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ltr` and `ltr`; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -149,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             return _data(args)
         if args.command in ("stage1", "stage2"):
             return _stage(args, args.command)
+        if args.command == "table1":
+            return _table1(args)
+        if args.command == "bench":
+            from . import bench
+
+            return bench.run_cli(args)
     except LtrError as exc:
         print(f"ltr {args.command}: error: {exc}", file=sys.stderr)
         return 2

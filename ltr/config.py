@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     # Well under a minute on a 2-core CPU on the synthetic test data; not a paper result.
     "smoke": {
         "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
-        "stage2": {"epochs": 2, "batch_size": 128},
+        "stage2": {"epochs": 2, "batch_size": 128, "lr": 0.05, "eval_every": 2},
     },
 }
 

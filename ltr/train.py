@@ -102,7 +102,8 @@ def _fit(
         lr=job.lr,
         momentum=job.momentum,
         weight_decay=job.wd,
-        foreach=device.type == "cuda",
+        # One fused kernel for the whole update on CUDA: at batch 64 launches, not FLOPs, dominate.
+        **({"fused": True} if device.type == "cuda" else {}),
     )
     spe = len(job.loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -149,10 +150,10 @@ def _fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for x, y in job.loader:
+            opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = step_model(x)
             loss = job.loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()

@@ -1,0 +1,347 @@
+"""Table 1 / Table 2 of WB: the plan of runs each row needs, the runner, and tables beside the paper.
+
+The paper's numbers live here, once. A cell of ours is always the mean (± std) over the seeds that
+a run in the output folder produced; a cell with no finished run says "no run".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from .config import PRESETS, Stage1Config, preset_config, run_name, stage2_name
+from .data import LtrError, load_cifar_lt, resolve_device
+from .rundir import read_json, write_atomic, write_json
+from .train import stage2_from, train_stage1, train_stage2
+
+GROUPS = ("many", "medium", "few", "all")
+
+# WB Table 1 (CIFAR100-LT, IF 100): Many / Medium / Few / All, in percent.
+PAPER_TABLE1: dict[str, tuple[float, float, float, float]] = {
+    "WD=0 (w/ CE)": (64.05, 35.80, 11.43, 38.38),
+    "WD=0 + tau-norm": (59.54, 38.23, 25.93, 42.00),
+    "WD tuned (w/ CE)": (76.94, 44.28, 12.17, 46.08),
+    "+ tau-norm": (73.11, 47.69, 30.10, 51.31),
+    "+ L2norm": (76.09, 47.74, 20.87, 49.60),
+    "+ CE & L2norm": (76.37, 48.11, 21.00, 49.87),
+    "+ CE & WD": (76.97, 45.94, 14.00, 47.22),
+    "+ CB": (77.00, 45.89, 13.60, 47.09),
+    "+ CB & L2norm": (76.43, 48.20, 21.60, 50.10),
+    "+ CB & WD": (72.77, 49.74, 31.80, 52.42),
+    "+ CB & Max": (76.49, 49.23, 20.67, 50.20),
+    "+ CB & WD & Max": (72.60, 51.86, 32.63, 53.35),
+    "last two layers + CB & WD & Max": (71.37, 51.17, 35.53, 53.55),
+}
+
+# WB Table 2, "All" only, by imbalance factor; keyed by our Table 1 row names.
+PAPER_TABLE2: dict[str, dict[int, float]] = {
+    "WD=0 (w/ CE)": {100: 38.38, 50: 43.99, 10: 57.31},
+    "WD tuned (w/ CE)": {100: 46.08, 50: 52.71, 10: 66.03},
+    "+ L2norm": {100: 49.60, 50: 56.33, 10: 67.16},
+    "+ tau-norm": {100: 51.31, 50: 57.65, 10: 67.79},
+    "+ CB & WD": {100: 52.42, 50: 57.47, 10: 67.96},
+    "+ CB & Max": {100: 50.24, 50: 56.06, 10: 67.10},
+    "+ CB & WD & Max": {100: 53.35, 50: 57.71, 10: 68.67},
+}
+
+# Published CIFAR100-LT IF100 "All" of peer methods, as WB's Table 2 quotes them.
+PAPER_PEERS: dict[str, float] = {
+    "CE": 38.32, "CE+CB": 39.60, "Focal": 38.41, "LDAM-DRW": 42.04, "BBN": 42.56,
+    "LogitAdjust": 42.01, "De-confound": 44.10, "tau-norm (Kang et al.)": 47.73, "SSD": 46.00,
+    "DiVE": 45.35, "DRO-LT": 47.31, "PaCo": 52.00, "RIDE": 49.1,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: which stage-1 model it starts from and the stage-2 recipe on top."""
+
+    name: str  # row label as in WB Table 1
+    stage1: str  # "naive" (wd 0) or "wd" (tuned weight decay)
+    stage2: dict = field(default_factory=dict)  # Stage2Config fields; empty = the stage-1 model
+
+
+TABLE1_ROWS: tuple[Row, ...] = (
+    Row("WD=0 (w/ CE)", "naive"),
+    Row("WD=0 + tau-norm", "naive", {"posthoc": "tau-norm", "tau": 1.9}),
+    Row("WD tuned (w/ CE)", "wd"),
+    Row("+ tau-norm", "wd", {"posthoc": "tau-norm", "tau": 1.9}),
+    Row("+ L2norm", "wd", {"posthoc": "l2norm"}),
+    Row("+ CE & L2norm", "wd", {"loss": "ce", "unit_norm": True}),
+    Row("+ CE & WD", "wd", {"loss": "ce", "wd": 0.1}),
+    Row("+ CB", "wd", {"loss": "cb"}),
+    Row("+ CB & L2norm", "wd", {"loss": "cb", "unit_norm": True}),
+    Row("+ CB & WD", "wd", {"loss": "cb", "wd": 0.1}),
+    Row("+ CB & Max", "wd", {"loss": "cb", "maxnorm": 0.1}),
+    Row("+ CB & WD & Max", "wd", {"loss": "cb", "wd": 0.1, "maxnorm": 0.1}),
+    Row("last two layers + CB & WD & Max", "wd",
+        {"loss": "cb", "wd": 0.1, "maxnorm": 0.1, "trainable": "last2"}),
+)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the plan: its directory and config (stage-2 runs name their stage-1 run)."""
+
+    out: Path  # run directory
+    stage: str  # stage1 | stage2
+    config: object  # Stage1Config | Stage2Config
+    imbalance: float  # imbalance factor (to pick the data)
+
+
+def stage1_config(kind: str, preset: str, imbalance: float, seed: int,
+                  dataset: str = "cifar100") -> Stage1Config:
+    """The stage-1 config of a row: naive (wd 0) or tuned weight decay (5e-3)."""
+    cfg = preset_config("stage1", preset, dataset=dataset, imbalance=float(imbalance), seed=seed)
+    return replace(cfg, wd=0.0) if kind == "naive" else cfg
+
+
+def plan(rows: tuple[Row, ...], out: Path, preset: str, imbalances: list[float], seeds: list[int],
+         dataset: str = "cifar100") -> tuple[list[PlannedRun], dict[tuple[str, float, int], Path]]:
+    """Every run the rows need, stage-1 runs shared between rows; and (row, IF, seed) -> run dir."""
+    runs: dict[Path, PlannedRun] = {}
+    where: dict[tuple[str, float, int], Path] = {}
+    for imb in imbalances:
+        for seed in seeds:
+            for row in rows:
+                s1 = stage1_config(row.stage1, preset, imb, seed, dataset)
+                s1_dir = out / "stage1" / run_name(s1)
+                runs.setdefault(s1_dir, PlannedRun(s1_dir, "stage1", s1, imb))
+                target = s1_dir
+                if row.stage2:
+                    s2 = replace(stage2_from(s1_dir, preset, **row.stage2), seed=seed)
+                    target = out / "stage2" / s1_dir.name / stage2_name(s2)
+                    runs.setdefault(target, PlannedRun(target, "stage2", s2, imb))
+                where[row.name, float(imb), seed] = target
+    # Stage-1 runs first, so every stage-2 run finds its backbone finished.
+    ordered = sorted(runs.values(), key=lambda r: r.stage)
+    return ordered, where
+
+
+def _claim_out(out: Path, preset: str, dataset: str) -> None:
+    marker = out / "table.json"
+    if marker.exists():
+        old = read_json(marker)
+        if (old.get("preset"), old.get("dataset")) != (preset, dataset):
+            raise LtrError(
+                f"{out} holds a table made with --preset {old.get('preset')} on {old.get('dataset')}; "
+                f"runs of another preset are kept apart: pass another --out (e.g. {out}-{preset})"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"preset": preset, "dataset": dataset})
+
+
+def run_table(
+    rows: tuple[Row, ...] = TABLE1_ROWS,
+    root: str | os.PathLike = "data",
+    out: str | os.PathLike = "exp/table1",
+    preset: str = "paper",
+    seeds: list[int] | tuple[int, ...] = (0,),
+    imbalances: list[float] | tuple[float, ...] = (100,),
+    dataset: str = "cifar100",
+    device: str = "auto",
+    download: bool = False,
+    compile: bool = False,
+    progress: bool = True,
+    allow_cpu: bool = False,
+    figures: bool = True,
+) -> dict[str, Path]:
+    """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files."""
+    from tqdm.auto import tqdm
+
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise LtrError(f"--seeds {seeds} lists a seed twice; give each seed once")
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    imbalances = [float(i) for i in imbalances]
+    dev = resolve_device(device)
+    if preset == "paper" and dev.type != "cuda" and not allow_cpu:
+        raise LtrError(
+            "the paper preset trains 2 ResNet-34s for 200 epochs per seed and imbalance factor: "
+            "days on a CPU. Run it on a CUDA GPU, or try the pipeline with --preset smoke "
+            "(add --allow-cpu to insist)"
+        )
+    out = Path(out)
+    # Missing data fails here, before any run starts.
+    data = {imb: load_cifar_lt(root, dataset, imb, download=download) for imb in imbalances}
+    _claim_out(out, preset, dataset)
+    runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
+    common = dict(root=root, device=dev, compile=compile, progress=progress,
+                  ckpt_every=1 if dev.type == "cpu" else 10)
+    bar = tqdm(total=len(runs), desc=f"table ({preset})", unit="run", disable=not progress)
+    for run in runs:
+        bar.set_postfix_str(f"{run.stage} {run.out.name}")
+        if run.stage == "stage1":
+            train_stage1(run.config, run.out, data=data[run.imbalance], **common)
+        else:
+            train_stage2(run.config, run.out, data=data[run.imbalance], **common)
+        bar.update(1)
+    bar.close()
+    return write_tables(rows, out, where, seeds, imbalances, preset, dataset=dataset, figures=figures)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _cell(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    s = pd.Series(vals, dtype=float)
+    return float(s.mean()), (float(s.std(ddof=1)) if len(s) > 1 else None), len(s)
+
+
+def collect(rows: tuple[Row, ...], where: dict[tuple[str, float, int], Path], seeds: list[int],
+            imbalances: list[float], dataset: str = "cifar100") -> pd.DataFrame:
+    """One DataFrame row per (imbalance, row, tta): mean, std, n and WB's value for each group."""
+    cifar100 = dataset == "cifar100"  # WB's tables are CIFAR100-LT only
+    records = []
+    for imb in imbalances:
+        for row in rows:
+            metrics = []
+            for seed in seeds:
+                path = where[row.name, imb, seed] / "metrics.json"
+                if path.exists():
+                    metrics.append(read_json(path))
+            for tta in ("plain", "flip"):
+                rec: dict = {"imbalance": imb, "row": row.name, "tta": tta, "seeds": len(metrics)}
+                paper = PAPER_TABLE1.get(row.name) if imb == 100 and cifar100 else None
+                for i, g in enumerate(GROUPS):
+                    mean, std, n = _cell([m[tta][g] for m in metrics])
+                    ref = paper[i] if paper else (PAPER_TABLE2.get(row.name, {}).get(int(imb))
+                                                  if g == "all" and cifar100 else None)
+                    rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"] = mean, std, n
+                    rec[f"{g}_paper"] = ref
+                    rec[f"{g}_diff"] = None if mean is None or ref is None else mean - ref
+                records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def _fmt_cell(rec: pd.Series, g: str) -> str:
+    mean, std, n = rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"]
+    if pd.isna(mean):
+        return "n/a" if n == 0 and rec["seeds"] else "no run"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if not pd.isna(std) else "")
+
+
+def _fmt_num(x: object, signed: bool = False) -> str:
+    if x is None or pd.isna(x):
+        return "–"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, seeds: list[int],
+                    dataset: str = "cifar100") -> str:
+    """Table 1 as markdown: ours (mean ± std over seeds), WB's value and the difference per group."""
+    sub = df[(df.imbalance == imbalance) & (df.tta == tta)]
+    head = ["row"] + [f"{g.capitalize()} ours" for g in GROUPS] + [f"{g.capitalize()} WB" for g in GROUPS]
+    head += [f"Δ {g.capitalize()}" for g in GROUPS]
+    lines = [
+        f"# Table 1: {dataset.upper()}-LT, imbalance factor {imbalance:g} (preset `{preset}`)",
+        "",
+        f"Evaluation: **{'flip-averaged logits' if tta == 'flip' else 'plain (no test-time flip)'}** on "
+        "the full balanced test set, last epoch, no test-set epoch selection. Ours: mean ± std over "
+        f"seeds {', '.join(map(str, seeds))}. WB: the paper's Table 1 (they average flips and pick the "
+        "best test epoch). \"n/a\": the group has no class; \"no run\": no finished run in this folder.",
+        "",
+    ]
+    if preset != "paper":
+        lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, rec in sub.iterrows():
+        cells = [rec["row"]] + [_fmt_cell(rec, g) for g in GROUPS]
+        cells += [_fmt_num(rec[f"{g}_paper"]) for g in GROUPS]
+        cells += [_fmt_num(rec[f"{g}_diff"], signed=True) for g in GROUPS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table2(df: pd.DataFrame, tta: str, preset: str) -> str:
+    """Table 2 as markdown: "All" by imbalance factor, ours beside WB's."""
+    imbs = sorted(df.imbalance.unique(), reverse=True)
+    head = ["row"] + [f"IF {i:g} ours" for i in imbs] + [f"IF {i:g} WB" for i in imbs]
+    lines = [f"# Table 2: CIFAR100-LT, All accuracy by imbalance factor (preset `{preset}`, {tta})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in PAPER_TABLE2:
+        sub = df[(df.row == name) & (df.tta == tta)]
+        if sub.empty:
+            continue
+        ours = [_fmt_cell(sub[sub.imbalance == i].iloc[0], "all") for i in imbs]
+        wb = [_fmt_num(PAPER_TABLE2[name].get(int(i))) for i in imbs]
+        lines.append("| " + " | ".join([name] + ours + wb) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int], imbalances: list[float],
+                 preset: str, dataset: str = "cifar100", tta: str = "flip",
+                 figures: bool = True) -> dict[str, Path]:
+    """table1.csv / table1.md (and table2.md for several imbalance factors) plus figures."""
+    df = collect(rows, where, seeds, imbalances, dataset)
+    files = {"table1.csv": out / "table1.csv", "table1.md": out / "table1.md"}
+    write_atomic(files["table1.csv"], df.to_csv(index=False))
+    main_imb = 100.0 if 100.0 in imbalances else imbalances[0]
+    md = [markdown_table1(df, i, tta, preset, seeds, dataset)
+          for i in [main_imb] + [i for i in imbalances if i != main_imb]]
+    write_atomic(files["table1.md"], "\n".join(md))
+    if len(imbalances) > 1:
+        files["table2.md"] = out / "table2.md"
+        write_atomic(files["table2.md"], markdown_table2(df, tta, preset))
+    write_json(out / "runs.json", {
+        "preset": preset, "seeds": seeds, "imbalances": imbalances,
+        "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
+        "rows": [asdict(r) for r in rows],
+    })
+    if figures:
+        files.update(table_figures(rows, out, where, seeds[0], main_imb, preset))
+    return files
+
+
+def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imbalance: float,
+                  preset: str) -> dict[str, Path]:
+    """SPEC 5's figures from the run directories of one seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    done = {r.name: where[r.name, imbalance, seed] for r in rows
+            if (where[r.name, imbalance, seed] / "metrics.json").exists()}
+    if not done:
+        return {}
+    note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
+    names, dirs = list(done), list(done.values())
+    stage1 = [n for n in names if not next(r for r in rows if r.name == n).stage2]
+    figs = {
+        "weight_norms.png": ("Per-class weight norms", lambda: plots.plot_weight_norms(dirs, labels=names)),
+        "marginal_likelihood.png": (
+            "Marginal likelihood per class", lambda: plots.plot_marginal_likelihood(dirs, labels=names)),
+        "group_accuracy.png": (
+            "Accuracy by group (flip)", lambda: plots.plot_group_accuracy(dirs, labels=names, tta="flip")),
+    }
+    for n in stage1:
+        key = "naive" if n.startswith("WD=0") else "wd"
+        figs[f"norm_evolution_{key}.png"] = (
+            f"{n}: weight norms over epochs", lambda d=done[n]: plots.plot_norm_evolution(d))
+        figs[f"per_class_accuracy_{key}.png"] = (
+            f"{n}: per-class accuracy", lambda d=done[n]: plots.plot_per_class_accuracy(d))
+    best = "+ CB & WD & Max"
+    if best in done:
+        figs["per_class_accuracy_cb_wd_max.png"] = (
+            f"{best}: per-class accuracy", lambda: plots.plot_per_class_accuracy(done[best]))
+    written = {}
+    for fname, (title, make) in figs.items():
+        fig = make()
+        fig.suptitle(title + note)
+        fig.savefig(fig_dir / fname, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written[f"figures/{fname}"] = fig_dir / fname
+    return written

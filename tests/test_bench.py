@@ -1,0 +1,115 @@
+"""`ltr bench`: result keys and types, the --json output, the FLOP counter. No timing asserts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ltr.bench import add_arguments, benchmark, estimate_flops, format_result, run_cli
+from ltr.models import build_model
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine, two threads per process thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return benchmark(model="resnet8", device="cpu", steps=3, warmup=1, batch_size=16)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltr bench")
+    add_arguments(parser)
+    return parser
+
+
+def test_benchmark_keys_types_and_positivity(result: dict) -> None:
+    for key in ("ltr_img_s", "reference_img_s", "ratio", "ltr_step_ms", "reference_step_ms"):
+        assert isinstance(result[key], float), key
+        assert result[key] > 0, key
+    assert result["device"] == "cpu"
+    assert (result["model"], result["batch_size"], result["steps"], result["warmup"]) == (
+        "resnet8", 16, 3, 1)
+    assert result["synthetic"] is True and result["data"].startswith("synthetic data")
+    assert result["ltr_settings"]["compile_mode"] == "none"
+    assert "est_mfu" not in result  # CUDA only
+    json.dumps(result)  # plain JSON types only
+
+
+def test_text_report(result: dict) -> None:
+    text = format_result(result)
+    assert "img/s" in text and "ratio ltr / reference" in text and "synthetic data" in text
+
+
+def test_cli_json_output(capsys: pytest.CaptureFixture[str], tmp_path, one_thread: None) -> None:
+    args = _parser().parse_args([
+        "--device", "cpu", "--model", "resnet8", "--steps", "1", "--warmup", "0",
+        "--batch-size", "4", "--root", str(tmp_path), "--json",
+    ])
+    assert run_cli(args) == 0
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON object
+    for key in ("ltr_img_s", "reference_img_s", "ratio", "device", "model", "batch_size", "steps"):
+        assert key in out
+    assert out["ratio"] > 0 and out["synthetic"] is True
+    assert str(tmp_path) in out["data"]  # says why it fell back to synthetic data
+
+
+def test_cli_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(_parser().parse_args(["--device", "cpu", "--steps", "0"])) == 2
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--model", "vgg"])
+
+
+def test_estimate_flops_resnet34_cifar() -> None:
+    with torch.device("meta"):  # shapes only, no arithmetic
+        model = build_model("resnet34", 100)
+    est = estimate_flops(model, (1, 3, 32, 32))
+    # Measured 1,159,448,576 MACs: the 1.16 GMACs of a CIFAR-stem ResNet-34 forward.
+    assert est["macs"] == pytest.approx(1.16e9, rel=0.01)
+    assert est["flops"] == 2 * est["macs"]
+    assert model.training  # the mode is restored
+    assert estimate_flops(model, (2, 3, 32, 32))["macs"] == 2 * est["macs"]
+
+
+def test_estimate_flops_real_tensors_match_meta() -> None:
+    small = build_model("resnet8", 10)
+    with torch.device("meta"):
+        ghost = build_model("resnet8", 10)
+    assert estimate_flops(small)["macs"] == estimate_flops(ghost)["macs"] > 0
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    calls = []
+
+    def broken_compile(model, **kwargs):
+        calls.append(kwargs)
+
+        def run(x):
+            raise RuntimeError("inductor exploded\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = benchmark(model="resnet8", device="cpu", steps=2, warmup=1, batch_size=4,
+                  compile_mode="reduce-overhead")
+    assert calls == [{"dynamic": False, "mode": "reduce-overhead"}]
+    assert r["compile_error"] == "RuntimeError: inductor exploded"
+    assert r["ltr_settings"]["compile_mode"] == "none"  # what was actually timed
+    assert r["ltr_img_s"] > 0
+    assert "torch.compile failed" in format_result(r)

@@ -1,0 +1,101 @@
+"""The Table 1 runner: all rows with mean ± std, the paper column, figures, no redo, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ltr.cli import main
+from ltr.data import LtrError
+from ltr.tables import PAPER_TABLE1, TABLE1_ROWS, plan, run_table
+
+FAST = dict(preset="smoke", device="cpu", progress=False)
+
+
+def _mtimes(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")}
+
+
+@pytest.fixture(scope="module")
+def table(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("table") / "t"
+    assert main(["table1", "--root", str(tiny_root), "--preset", "smoke", "--seeds", "0", "1",
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    return out
+
+
+def test_plan_shares_stage1_runs(tmp_path: Path) -> None:
+    runs, where = plan(TABLE1_ROWS, tmp_path, "smoke", [100.0], [0, 1])
+    stage1 = [r for r in runs if r.stage == "stage1"]
+    assert len(stage1) == 4  # naive and tuned WD, two seeds
+    assert len(runs) == 2 * 13  # 13 rows, two seeds: 2 stage-1 models and 11 stage-2 runs each
+    assert runs.index(stage1[-1]) < min(runs.index(r) for r in runs if r.stage == "stage2")
+    assert where["WD tuned (w/ CE)", 100.0, 1] == stage1[-1].out or where["WD tuned (w/ CE)", 100.0, 1] in {
+        r.out for r in stage1}
+
+
+def test_all_rows_with_mean_std_paper_and_figures(table: Path) -> None:
+    df = pd.read_csv(table / "table1.csv")
+    flip = df[df.tta == "flip"]
+    assert list(flip.row) == [r.name for r in TABLE1_ROWS]
+    assert set(df.tta) == {"plain", "flip"}
+    assert (flip.seeds == 2).all() and flip.all_std.notna().all()
+    assert flip.set_index("row").all_paper.to_dict() == {k: v[3] for k, v in PAPER_TABLE1.items()}
+    assert flip.many_mean.isna().all()  # 100 images a class: no class has > 100, so Many is n/a
+    md = (table / "table1.md").read_text()
+    assert "flip-averaged" in md and " ± " in md and "n/a" in md and "not the paper's recipe" in md
+    for name in PAPER_TABLE1:
+        assert f"| {name} |" in md
+    figs = sorted(p.name for p in (table / "figures").glob("*.png"))
+    for f in ("weight_norms.png", "marginal_likelihood.png", "group_accuracy.png",
+              "norm_evolution_naive.png", "norm_evolution_wd.png", "per_class_accuracy_wd.png"):
+        assert f in figs and (table / "figures" / f).stat().st_size > 1000
+
+
+def test_rerun_does_no_training(table: Path, tiny_root: Path) -> None:
+    before = _mtimes(table)
+    run_table(root=tiny_root, out=table, seeds=[0, 1], figures=False, **FAST)
+    assert _mtimes(table) == before and len(before) == 26
+
+
+def test_kill_midway_then_resume(tiny_root: Path, tmp_path: Path, table: Path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ltr", "table1", "--root", str(tiny_root), "--preset", "smoke",
+           "--seeds", "0", "--out", str(out), "--device", "cpu", "--quiet", "--no-figures"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("stage1/*/ckpt.pt")):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert not (out / "table1.md").exists()
+    run_table(root=tiny_root, out=out, seeds=[0], figures=False, **FAST)
+    ours = pd.read_csv(out / "table1.csv")
+    ref = pd.read_csv(table / "table1.csv")
+    assert ours.all_n.eq(1).all()
+    # The resumed seed-0 runs equal the uninterrupted ones (same config, CPU determinism).
+    killed0 = pd.read_json(next(out.glob("stage1/*wd0.005*/metrics.json")), typ="series")
+    clean0 = pd.read_json(next(table.glob("stage1/*wd0.005*s0/metrics.json")), typ="series")
+    assert killed0["per_class_acc"] == clean0["per_class_acc"]
+    assert len(ref) == len(ours)
+
+
+def test_bad_table_input(tiny_root: Path, tmp_path: Path, table: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(LtrError, match="twice"):
+        run_table(root=tiny_root, out=tmp_path / "d", seeds=[0, 0], **FAST)
+    with pytest.raises(LtrError, match="kept apart"):
+        run_table(root=tiny_root, out=table, seeds=[0], preset="paper", device="cpu", allow_cpu=True,
+                  progress=False)
+    with pytest.raises(LtrError, match="--download"):
+        run_table(root=tmp_path / "empty", out=tmp_path / "e", seeds=[0], **FAST)
+    assert not (tmp_path / "e").exists()
+    assert main(["table1", "--root", str(tiny_root), "--preset", "paper", "--device", "cpu",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "--preset smoke" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p")
