@@ -59,6 +59,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
         "stage2": {"epochs": 2, "batch_size": 128, "lr": 0.05, "eval_every": 2},
     },
+    # The fastest end-to-end check of the pipeline (tests): one epoch a stage; numbers mean nothing.
+    "tiny": {
+        "stage1": {"model": "resnet8", "epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
+        "stage2": {"epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
+    },
 }
 
 

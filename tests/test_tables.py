@@ -64,9 +64,9 @@ def test_rerun_does_no_training(table: Path, tiny_root: Path) -> None:
     assert _mtimes(table) == before and len(before) == 26
 
 
-def test_kill_midway_then_resume(tiny_root: Path, tmp_path: Path, table: Path) -> None:
+def test_kill_midway_then_resume(tiny_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ltr", "table1", "--root", str(tiny_root), "--preset", "smoke",
+    cmd = [sys.executable, "-m", "ltr", "table1", "--root", str(tiny_root), "--preset", "tiny",
            "--seeds", "0", "--out", str(out), "--device", "cpu", "--quiet", "--no-figures"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -75,15 +75,13 @@ def test_kill_midway_then_resume(tiny_root: Path, tmp_path: Path, table: Path) -
     proc.kill()
     proc.wait()
     assert not (out / "table1.md").exists()
-    run_table(root=tiny_root, out=out, seeds=[0], figures=False, **FAST)
+    run_table(root=tiny_root, out=out, seeds=[0], figures=False, **{**FAST, "preset": "tiny"})
     ours = pd.read_csv(out / "table1.csv")
-    ref = pd.read_csv(table / "table1.csv")
-    assert ours.all_n.eq(1).all()
-    # The resumed seed-0 runs equal the uninterrupted ones (same config, CPU determinism).
-    killed0 = pd.read_json(next(out.glob("stage1/*wd0.005*/metrics.json")), typ="series")
-    clean0 = pd.read_json(next(table.glob("stage1/*wd0.005*s0/metrics.json")), typ="series")
-    assert killed0["per_class_acc"] == clean0["per_class_acc"]
-    assert len(ref) == len(ours)
+    assert ours.all_n.eq(1).all() and len(ours) == 2 * 13
+    # The resumed runs equal uninterrupted ones (same config, CPU determinism).
+    clean = tmp_path / "clean"
+    run_table(root=tiny_root, out=clean, seeds=[0], figures=False, **{**FAST, "preset": "tiny"})
+    pd.testing.assert_frame_equal(ours, pd.read_csv(clean / "table1.csv"))
 
 
 def test_bad_table_input(tiny_root: Path, tmp_path: Path, table: Path, capsys: pytest.CaptureFixture) -> None:
