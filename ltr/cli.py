@@ -15,7 +15,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--preset", default="paper", help="paper | smoke (explicit flags override it)")
+    p.add_argument("--preset", default="paper", help="paper | smoke | tiny (explicit flags override it)")
     p.add_argument("--out", default=None, help="run directory (default: derived from the config)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
-    s1 = sub.add_parser("stage1", help="feature learning: train a backbone with cross-entropy")
+    s1 = sub.add_parser("stage1", help="feature learning: train a backbone (CE, or aux-balanced)")
+    s1.add_argument("--method", default=None,
+                    help="ce (WB) | aux-balanced (balanced main head + instance auxiliary head; "
+                         "our reading of Zhang et al.)")
+    s1.add_argument("--aux-weight", type=float, default=None,
+                    help="aux-balanced: lambda of loss = CE_balanced + lambda * CE_instance (default 1)")
+    s1.add_argument("--ssl", default=None, help="aux-balanced: rotation = add a 4-way rotation head")
     s1.add_argument("--dataset", default=None, help="cifar100 | cifar10")
     s1.add_argument("--imbalance", default=None, help="imbalance factor (default 100)")
     s1.add_argument("--model", default=None, help="resnet34 | resnet32 | resnet8")
@@ -51,14 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s2 = sub.add_parser("stage2", help="classifier learning on a finished stage-1 run")
     s2.add_argument("--from", dest="from_run", required=True, help="stage-1 run directory")
-    s2.add_argument("--loss", default=None, help="ce | cb (class-balanced)")
+    s2.add_argument("--loss", default=None,
+                    help="ce | cb (class-balanced) | la (logit-adjusted, --la-tau) | bs (balanced softmax) "
+                         "| ldam-drw (LDAM, deferred re-weighting from the second half of the epochs)")
     s2.add_argument("--cb-variant", default=None, help="standard | official (softmax + BCE)")
     s2.add_argument("--wd", type=float, default=None, help="weight decay on the classifier (0.1)")
     s2.add_argument("--maxnorm", type=float, default=None, help="MaxNorm thresh in (0, 1] (0.1)")
     s2.add_argument("--pgd-every", default=None, help="step | epoch: when MaxNorm projects")
     s2.add_argument("--unit-norm", action="store_true", default=None, help="keep rows at unit norm")
-    s2.add_argument("--posthoc", default=None, help="l2norm | tau-norm: normalise, no training")
+    s2.add_argument("--posthoc", default=None,
+                    help="l2norm | tau-norm | logit-adjust (bias - la_tau * log prior): no training")
     s2.add_argument("--tau", type=float, default=None, help="tau of tau-norm (1.9)")
+    s2.add_argument("--la-tau", type=float, default=None,
+                    help="tau of --posthoc logit-adjust and --loss la (default 1)")
+    s2.add_argument("--lws", action="store_true", default=None,
+                    help="learnable weight scaling: learn only a per-class logit scale (class-balanced "
+                         "batches unless --sampling instance)")
+    s2.add_argument("--reinit", action="store_true", default=None, help="re-initialise fc first")
+    s2.add_argument("--crt", action="store_true",
+                    help="cRT: shorthand for --sampling balanced --reinit (Kang et al.)")
     s2.add_argument("--trainable", default=None, help="fc | last2 (last conv + fc)")
     s2.add_argument("--bn", default=None, help="eval | train (train = the official code's drift)")
     s2.add_argument("--sampling", default=None, help="instance | balanced")
@@ -67,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
     s2.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     _add_runtime(s2)
+
+    c = sub.add_parser("compare", help="WB beside aux-balanced and cRT, LWS, LA, BS, LDAM-DRW baselines")
+    c.add_argument("--root", default="data", help="data root (default: data)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    c.add_argument("--preset", default="paper", help="paper | smoke | tiny")
+    c.add_argument("--out", default=None,
+                   help="output folder (default: exp/compare[-PRESET]); a table1 folder of the same preset "
+                        "reuses its stage-1 runs")
+    c.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
+    c.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
+    c.add_argument("--no-figures", action="store_true", help="skip the figures")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     t = sub.add_parser("table1", help="regenerate WB Table 1 (and Table 2) with every run it needs")
     t.add_argument("--root", default="data", help="data root (default: data)")
@@ -135,6 +166,13 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
     fields = {k: v for k, v in vars(args).items() if k not in skip}
     if stage == "stage1" and fields.get("imbalance") is not None:
         fields["imbalance"] = check_imbalance(fields["imbalance"])
+    if stage == "stage2":
+        if fields.pop("crt"):
+            if fields.get("sampling") not in (None, "balanced"):
+                raise LtrError("--crt retrains on class-balanced batches; drop --sampling instance")
+            fields.update(sampling="balanced", reinit=True)
+        if fields.get("lws") and fields.get("sampling") is None:
+            fields["sampling"] = "balanced"  # Kang et al. learn the scales on class-balanced batches
     cfg = train.preset_config(stage, args.preset, **fields)
     common = dict(root=args.root, device=args.device, download=args.download,
                   compile=args.compile, progress=not args.quiet)
@@ -175,6 +213,20 @@ def _table1(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    out = Path(args.out or ("exp/compare" if args.preset == "paper" else f"exp/compare-{args.preset}"))
+    files = run_compare(
+        root=args.root, out=out, preset=args.preset, seeds=args.seeds, device=args.device,
+        download=args.download, compile=args.compile, progress=not args.quiet, allow_cpu=args.allow_cpu,
+        figures=not args.no_figures,
+    )
+    print((out / "compare.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ltr` and `ltr`; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -185,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stage(args, args.command)
         if args.command == "table1":
             return _table1(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "bench":
             from . import bench
 

@@ -8,6 +8,15 @@ from dataclasses import dataclass, fields
 from .data import LtrError, check_imbalance, dataset_info
 from .models import MODELS
 
+STAGE1_METHODS = ("ce", "aux-balanced")
+STAGE2_LOSSES = ("ce", "cb", "la", "bs", "ldam-drw")
+
+# Fields added after runs were first written, with their defaults: a run directory whose config.json
+# lacks one of them was made with the default, so it still matches (and resumes) under today's config.
+LATER_DEFAULTS: dict[str, object] = {
+    "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False,
+}
+
 
 @dataclass
 class Stage1Config:
@@ -16,7 +25,9 @@ class Stage1Config:
     dataset: str = "cifar100"  # cifar100 | cifar10
     imbalance: float = 100.0  # imbalance factor n_max / n_min (ratio)
     model: str = "resnet34"  # backbone name (resnet34 | resnet32 | resnet8)
-    method: str = "ce"  # ce = WB stage 1 (cross-entropy on instance batches)
+    method: str = "ce"  # ce = WB stage 1 (CE on instance batches) | aux-balanced (SPEC 6, our reading)
+    aux_weight: float = 1.0  # lambda of aux-balanced: loss = CE_balanced + lambda * CE_instance (ratio)
+    ssl: str | None = None  # aux-balanced only: rotation = 4-way rotation head on the instance batch
     epochs: int = 200  # passes over the long-tailed training set
     batch_size: int = 64  # images per optimizer step
     lr: float = 0.01  # peak learning rate; cosine to 0
@@ -32,15 +43,18 @@ class Stage2Config:
     """Classifier learning (WB stage 2) on top of a finished stage-1 run."""
 
     from_run: str = ""  # stage-1 run directory to start from
-    loss: str = "ce"  # ce | cb (class-balanced, effective number)
+    loss: str = "ce"  # ce | cb (class-balanced) | la (logit-adjusted) | bs (balanced softmax) | ldam-drw
     cb_variant: str = "standard"  # standard = weighted CE; official = softmax + BCE
     cb_beta: float = 0.9999  # beta of the effective number (1 - beta^n) / (1 - beta)
     wd: float = 0.0  # weight decay on the trainable layers (0.1 in the "WD" rows)
     maxnorm: float | None = None  # MaxNorm thresh in (0, 1]; None = no MaxNorm
     pgd_every: str = "step"  # step = project after every step (paper); epoch = official code
     unit_norm: bool = False  # keep classifier rows at unit norm (the "& L2norm" rows)
-    posthoc: str | None = None  # l2norm | tau-norm: no training, normalise fc.weight
+    posthoc: str | None = None  # l2norm | tau-norm | logit-adjust: no training, adjust fc
     tau: float = 1.9  # exponent of tau-norm
+    la_tau: float = 1.0  # tau of logit adjustment (post-hoc and --loss la): logits - tau * log prior
+    lws: bool = False  # learnable weight scaling: train only a per-class logit scale (Kang et al.)
+    reinit: bool = False  # re-initialise fc before retraining (cRT of Kang et al. with balanced sampling)
     trainable: str = "fc"  # fc | last2 (last conv + fc; our reading of "last two layers")
     bn: str = "eval"  # eval = frozen BN statistics; train = the official code's drift
     sampling: str = "instance"  # instance | balanced (class-uniform batches)
@@ -85,10 +99,12 @@ def _fmt(x: float) -> str:
 
 
 def run_name(cfg: Stage1Config) -> str:
-    """A stage-1 run directory name that says what it is, e.g. cifar100-if100-resnet34-wd5e-3-s0."""
+    """A stage-1 run directory name that says what it is, e.g. cifar100-if100-resnet34-wd5e-3-e200-s0."""
     parts = [cfg.dataset, f"if{_fmt(cfg.imbalance)}", cfg.model]
     if cfg.method != "ce":
-        parts.append(cfg.method)
+        parts.append(cfg.method + (_fmt(cfg.aux_weight) if cfg.aux_weight != 1.0 else ""))
+    if cfg.ssl:
+        parts.append(cfg.ssl)
     parts += [f"wd{_fmt(cfg.wd)}", f"e{cfg.epochs}"]
     if cfg.fidelity != "corrected":
         parts.append(cfg.fidelity)
@@ -101,8 +117,14 @@ def validate_stage1(cfg: Stage1Config) -> None:
     check_imbalance(cfg.imbalance)
     if cfg.model not in MODELS:
         raise LtrError(f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}")
-    if cfg.method != "ce":
-        raise LtrError(f"unknown stage-1 method {cfg.method!r}; use 'ce'")
+    if cfg.method not in STAGE1_METHODS:
+        raise LtrError(f"unknown stage-1 method {cfg.method!r}; choose one of {STAGE1_METHODS}")
+    if not (cfg.aux_weight >= 0 and math.isfinite(cfg.aux_weight)):
+        raise LtrError(f"--aux-weight must be a number >= 0, got {cfg.aux_weight}")
+    if cfg.ssl not in (None, "rotation"):
+        raise LtrError(f"unknown --ssl {cfg.ssl!r}; the only self-supervised task is 'rotation'")
+    if cfg.method != "aux-balanced" and (cfg.ssl is not None or cfg.aux_weight != 1.0):
+        raise LtrError("--aux-weight and --ssl configure the auxiliary heads of --method aux-balanced")
     if cfg.fidelity not in ("corrected", "official"):
         raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
     _check_common(cfg)
@@ -123,13 +145,13 @@ def validate_stage2(cfg: Stage2Config) -> None:
     """Reject stage-2 configs that cannot run or contradict themselves."""
     _check_common(cfg)
     choices = {
-        "loss": ("ce", "cb"),
+        "loss": STAGE2_LOSSES,
         "cb_variant": ("standard", "official"),
         "pgd_every": ("step", "epoch"),
         "trainable": ("fc", "last2"),
         "bn": ("eval", "train"),
         "sampling": ("instance", "balanced"),
-        "posthoc": (None, "l2norm", "tau-norm"),
+        "posthoc": (None, "l2norm", "tau-norm", "logit-adjust"),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -138,11 +160,26 @@ def validate_stage2(cfg: Stage2Config) -> None:
         raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of SPEC 4), got {cfg.maxnorm}")
     if cfg.tau < 0:
         raise LtrError(f"--tau must be >= 0, got {cfg.tau}")
+    if not (cfg.la_tau >= 0 and math.isfinite(cfg.la_tau)):
+        raise LtrError(f"--la-tau must be a number >= 0, got {cfg.la_tau}")
     if cfg.maxnorm is not None and cfg.unit_norm:
         raise LtrError("--maxnorm and --unit-norm both constrain the rows; pick one")
+    if cfg.la_tau != 1.0 and cfg.loss != "la" and cfg.posthoc != "logit-adjust":
+        raise LtrError("--la-tau sets the tau of --loss la and --posthoc logit-adjust; use one of them")
+    # LWS trains only the scales, LDAM keeps its own unit-norm cosine classifier: row constraints clash.
+    rows = (("--maxnorm", cfg.maxnorm is not None), ("--unit-norm", cfg.unit_norm))
+    for on, name, extra in ((cfg.lws, "--lws", (("--trainable last2", cfg.trainable != "fc"),)),
+                            (cfg.loss == "ldam-drw", "--loss ldam-drw", ())):
+        clash = [flag for flag, used in rows + extra if used]
+        if on and clash:
+            raise LtrError(f"{name} cannot be combined with {', '.join(clash)}")
+    if cfg.lws and (cfg.reinit or cfg.loss == "ldam-drw"):
+        raise LtrError("--lws rescales the stage-1 classifier as it is: drop --reinit / --loss ldam-drw")
     if cfg.posthoc is not None:
         trained = {
-            "--loss cb": cfg.loss != "ce",
+            f"--loss {cfg.loss}": cfg.loss != "ce",
+            "--lws": cfg.lws,
+            "--reinit": cfg.reinit,
             "--wd": cfg.wd != 0,
             "--maxnorm": cfg.maxnorm is not None,
             "--unit-norm": cfg.unit_norm,
@@ -153,7 +190,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
         clash = [flag for flag, on in trained.items() if on]
         if clash:
             raise LtrError(
-                f"--posthoc {cfg.posthoc} normalises a trained classifier without training; "
+                f"--posthoc {cfg.posthoc} adjusts a trained classifier without training; "
                 f"it cannot be combined with {', '.join(clash)}. Drop those flags, or drop "
                 "--posthoc to retrain"
             )
@@ -162,12 +199,22 @@ def validate_stage2(cfg: Stage2Config) -> None:
 def stage2_name(cfg: Stage2Config) -> str:
     """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
     if cfg.posthoc:
-        return cfg.posthoc + (f"{_fmt(cfg.tau)}" if cfg.posthoc == "tau-norm" else "")
-    parts = [cfg.loss] if cfg.loss == "ce" or cfg.cb_variant == "standard" else ["cb-official"]
+        tau = {"tau-norm": cfg.tau, "logit-adjust": cfg.la_tau}.get(cfg.posthoc)
+        return cfg.posthoc + (_fmt(tau) if tau is not None else "")
+    loss = cfg.loss
+    if loss == "cb" and cfg.cb_variant != "standard":
+        loss = "cb-official"
+    elif loss == "la" and cfg.la_tau != 1.0:
+        loss = f"la{_fmt(cfg.la_tau)}"
+    parts = [loss]
     if cfg.trainable != "fc":
         parts.insert(0, cfg.trainable)
     if cfg.sampling != "instance":
         parts.append(cfg.sampling)
+    if cfg.reinit:
+        parts.append("reinit")
+    if cfg.lws:
+        parts.append("lws")
     if cfg.wd:
         parts.append(f"wd{_fmt(cfg.wd)}")
     if cfg.maxnorm is not None:

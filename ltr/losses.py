@@ -1,4 +1,4 @@
-"""Losses: cross-entropy, class-balanced (effective number), logit-adjusted, balanced softmax."""
+"""Losses: cross-entropy, class-balanced (effective number), logit-adjusted, balanced softmax, LDAM."""
 
 from __future__ import annotations
 
@@ -54,14 +54,45 @@ def balanced_softmax(
     return logit_adjusted_ce(logits, targets, log_prior, 1.0)
 
 
+def log_prior(counts: list[int] | torch.Tensor) -> torch.Tensor:
+    """log p(y) of the training set: log(n_c / sum n)."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    return torch.log(n / n.sum()).float()
+
+
+def ldam_margins(counts: list[int] | torch.Tensor, max_margin: float = 0.5) -> torch.Tensor:
+    """Cao et al.'s per-class margins m_c proportional to n_c ** (-1/4), the largest equal to max_margin."""
+    m = torch.as_tensor(counts, dtype=torch.float64).pow(-0.25)
+    return (m * (max_margin / m.max())).float()
+
+
+class LDAMLoss:
+    """LDAM (Cao et al. 2019) on cosine logits: subtract m_y from the true class, scale by s, weighted CE."""
+
+    def __init__(self, counts: list[int], device: torch.device, max_margin: float = 0.5,
+                 scale: float = 30.0) -> None:
+        self.margins = ldam_margins(counts, max_margin).to(device)
+        self.scale = float(scale)
+        # None = unweighted; deferred re-weighting (DRW) sets class-balanced weights partway through.
+        self.weight: torch.Tensor | None = None
+
+    def __call__(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of cosine similarities (batch x classes, in [-1, 1]) against targets."""
+        cos = cosine.float()
+        shifted = cos.scatter_add(1, targets[:, None], -self.margins[targets][:, None])
+        # As Cao et al.'s code: F.cross_entropy's `weight` averages over the weights of the batch.
+        return F.cross_entropy(self.scale * shifted, targets, weight=self.weight)
+
+
 def make_loss(
     name: str,
     counts: list[int],
     device: torch.device,
     cb_variant: str = "standard",
     beta: float = 0.9999,
+    tau: float = 1.0,
 ):
-    """A loss function (logits, targets) -> scalar, by name: 'ce' or 'cb'."""
+    """A loss (logits, targets) -> scalar by name: ce, cb, la (tau), bs, ldam-drw (on cosine logits)."""
     if name == "ce":
         return cross_entropy
     if name == "cb":
@@ -71,4 +102,11 @@ def make_loss(
         if cb_variant == "official":
             return lambda logits, y: class_balanced_softmax_bce(logits, y, w)
         raise LtrError(f"unknown cb variant {cb_variant!r}; use 'standard' or 'official'")
-    raise LtrError(f"unknown loss {name!r}; use 'ce' or 'cb'")
+    if name in ("la", "bs"):
+        prior = log_prior(counts).to(device)
+        if name == "bs":
+            return lambda logits, y: balanced_softmax(logits, y, prior)
+        return lambda logits, y: logit_adjusted_ce(logits, y, prior, tau)
+    if name == "ldam-drw":
+        return LDAMLoss(counts, device)
+    raise LtrError(f"unknown loss {name!r}; use one of ce, cb, la, bs, ldam-drw")

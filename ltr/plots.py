@@ -137,14 +137,25 @@ def run_label(run: RunLike) -> str:
     cfg = run["config"]
     s1 = _stage1_config(run)
     base = "WD=0 (naive)" if not s1.get("wd") else f"WD={s1['wd']:g}"
+    if s1.get("method", "ce") == "aux-balanced":
+        # SPEC 6 (our reading of Zhang et al.): balanced main head + instance auxiliary head.
+        base = f"aux-balanced{' + rotation' if s1.get('ssl') else ''}, {base}"
     if run["stage"] == "stage1":
         return base
     prefix = "WD=0 " if not s1.get("wd") else ""
+    if s1.get("method", "ce") != "ce":
+        prefix = f"[{base}] "
+    if cfg.get("posthoc") == "logit-adjust":
+        return f"{prefix}+ logit adjustment (tau={cfg.get('la_tau', 1.0):g})"
     if cfg.get("posthoc") == "tau-norm":
         return f"{prefix}+ tau-norm (tau={cfg.get('tau', WB_TAU):g})"
     if cfg.get("posthoc") == "l2norm":
         return f"{prefix}+ L2-norm"
     parts = [str(cfg.get("loss", "ce")).upper()]
+    if cfg.get("sampling", "instance") != "instance":
+        parts = ["cRT"] if cfg.get("reinit") and parts == ["CE"] else parts + ["balanced sampling"]
+    if cfg.get("lws"):
+        parts.append("LWS")
     if cfg.get("wd"):
         parts.append("WD")
     if cfg.get("maxnorm") is not None:
@@ -175,6 +186,9 @@ def table1_row(run: RunLike) -> str | None:
         return "WD=0 + tau-norm" if naive else "+ tau-norm" if tuned else None
     if not tuned or cfg.get("sampling", "instance") != "instance":
         return None
+    if (cfg.get("lws") or cfg.get("reinit") or cfg.get("loss", "ce") not in ("ce", "cb")
+            or cfg.get("posthoc") == "logit-adjust"):
+        return None  # the comparison baselines are not rows of WB's Table 1
     if cfg.get("posthoc") == "l2norm":
         return "+ L2norm"
     wd = float(cfg.get("wd", 0.0))
@@ -225,6 +239,14 @@ def results_table(
 
 
 # ---------------------------------------------------------------- decoration
+
+
+def _distinct_colours(ax: Axes, n: int) -> None:
+    """More than 10 runs in one plot: 20 distinct colours instead of the default 10 that repeat."""
+    if n > 10:
+        from matplotlib import colormaps
+
+        ax.set_prop_cycle(color=[colormaps["tab20"](i % 20) for i in range(n)])
 
 
 def _class_bands(ax: Axes, counts: Sequence[int]) -> None:
@@ -298,6 +320,7 @@ def plot_weight_norms(
     loaded = _load_many(runs, labels)
     fig = _figure((10.5, 3.8))
     ax = fig.add_subplot()
+    _distinct_colours(ax, len(loaded))
     _class_bands(ax, loaded[0][1]["metrics"]["counts"])
     curves = []
     for label, run in loaded:
@@ -322,6 +345,7 @@ def plot_marginal_likelihood(
     fig = _figure((10.5, 3.8))
     ax = fig.add_subplot()
     counts = loaded[0][1]["metrics"]["counts"]
+    _distinct_colours(ax, len(loaded))
     _class_bands(ax, counts)
     curves = [np.array([1.0 / len(counts)])]
     for label, run in loaded:
@@ -444,6 +468,7 @@ def plot_group_accuracy(
     crowded = n > 4  # many bars: print their values upright so they do not overlap
     fig = _figure((max(6.5, 2.5 + 1.0 * n), 4.0))
     ax = fig.add_subplot()
+    _distinct_colours(ax, n)
     for j, (label, run) in enumerate(loaded):
         m = run["metrics"][tta]
         offsets = [i + (j - (n - 1) / 2) * width for i in range(len(keys))]

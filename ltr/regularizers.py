@@ -1,8 +1,12 @@
-"""Weight balancing on the classifier: MaxNorm and unit-norm projections, L2-norm and tau-norm."""
+"""Re-balancing the classifier: MaxNorm and unit-norm projections, L2-/tau-norm, logit adjustment, LWS."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import log_prior
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -44,3 +48,25 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.9) -> None:
 def l2_normalize(weight: torch.Tensor) -> None:
     """Post-hoc L2 normalisation in place: tau-norm with tau = 1."""
     tau_normalize(weight, 1.0)
+
+
+@torch.no_grad()
+def logit_adjust_bias(bias: torch.Tensor, counts: list[int], tau: float = 1.0) -> None:
+    """Post-hoc logit adjustment (Menon et al.) in place: b_c <- b_c - tau * log p(c)."""
+    bias.sub_(tau * log_prior(counts).to(bias))
+
+
+class ScaledLinear(nn.Module):
+    """LWS (Kang et al.): a linear classifier whose logits are multiplied by a learnable per-class scale."""
+
+    def __init__(self, fc: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = fc.in_features, fc.out_features
+        # The stage-1 parameters themselves (not copies): the caller freezes them, only `scale` learns.
+        self.weight = fc.weight
+        self.bias = fc.bias
+        self.scale = nn.Parameter(torch.ones(fc.out_features, device=fc.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled logits s_c * (w_c . x + b_c)."""
+        return F.linear(x, self.weight, self.bias) * self.scale

@@ -55,12 +55,21 @@ PAPER_PEERS: dict[str, float] = {
 }
 
 
+# The stage-1 models a row can start from: Stage1Config fields over the preset's.
+STAGE1_KINDS: dict[str, dict] = {
+    "naive": {"wd": 0.0},  # WB's WD=0 model
+    "wd": {},  # WB's tuned weight decay (the preset's wd, 5e-3 in the paper preset)
+    "aux-balanced": {"method": "aux-balanced"},  # our reading of Zhang et al. (SPEC 6), same wd
+    "aux-balanced-rotation": {"method": "aux-balanced", "ssl": "rotation"},  # ... with the rotation head
+}
+
+
 @dataclass(frozen=True)
 class Row:
     """One table row: which stage-1 model it starts from and the stage-2 recipe on top."""
 
-    name: str  # row label as in WB Table 1
-    stage1: str  # "naive" (wd 0) or "wd" (tuned weight decay)
+    name: str  # row label (as in WB Table 1 where the row is one of WB's)
+    stage1: str  # a key of STAGE1_KINDS: "naive", "wd", "aux-balanced", "aux-balanced-rotation"
     stage2: dict = field(default_factory=dict)  # Stage2Config fields; empty = the stage-1 model
 
 
@@ -94,9 +103,11 @@ class PlannedRun:
 
 def stage1_config(kind: str, preset: str, imbalance: float, seed: int,
                   dataset: str = "cifar100") -> Stage1Config:
-    """The stage-1 config of a row: naive (wd 0) or tuned weight decay (5e-3)."""
+    """The stage-1 config of a row's kind (STAGE1_KINDS), e.g. naive (wd 0) or tuned weight decay (5e-3)."""
+    if kind not in STAGE1_KINDS:
+        raise LtrError(f"unknown stage-1 kind {kind!r}; choose one of {sorted(STAGE1_KINDS)}")
     cfg = preset_config("stage1", preset, dataset=dataset, imbalance=float(imbalance), seed=seed)
-    return replace(cfg, wd=0.0) if kind == "naive" else cfg
+    return replace(cfg, **STAGE1_KINDS[kind])
 
 
 def plan(rows: tuple[Row, ...], out: Path, preset: str, imbalances: list[float], seeds: list[int],
@@ -135,6 +146,57 @@ def _claim_out(out: Path, preset: str, dataset: str) -> None:
         write_json(marker, {"preset": preset, "dataset": dataset})
 
 
+def run_plan(
+    rows: tuple[Row, ...],
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    preset: str,
+    seeds: list[int] | tuple[int, ...],
+    imbalances: list[float] | tuple[float, ...],
+    dataset: str = "cifar100",
+    device: str = "auto",
+    download: bool = False,
+    compile: bool = False,
+    progress: bool = True,
+    allow_cpu: bool = False,
+    desc: str = "table",
+) -> tuple[dict[tuple[str, float, int], Path], list[int], list[float]]:
+    """Run every run the rows need (finished ones skipped, unfinished resumed); (row, IF, seed) -> dir."""
+    from tqdm.auto import tqdm
+
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise LtrError(f"--seeds {seeds} lists a seed twice; give each seed once")
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    imbalances = [float(i) for i in imbalances]
+    dev = resolve_device(device)
+    if preset == "paper" and dev.type != "cuda" and not allow_cpu:
+        kinds = len({r.stage1 for r in rows})
+        raise LtrError(
+            f"the paper preset trains {kinds} ResNet-34s for 200 epochs per seed and imbalance factor: "
+            "days on a CPU. Run it on a CUDA GPU, or try the pipeline with --preset smoke "
+            "(add --allow-cpu to insist)"
+        )
+    out = Path(out)
+    # Missing data fails here, before any run starts.
+    data = {imb: load_cifar_lt(root, dataset, imb, download=download) for imb in imbalances}
+    _claim_out(out, preset, dataset)
+    runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
+    common = dict(root=root, device=dev, compile=compile, progress=progress,
+                  ckpt_every=1 if dev.type == "cpu" else 10)
+    bar = tqdm(total=len(runs), desc=f"{desc} ({preset})", unit="run", disable=not progress)
+    for run in runs:
+        bar.set_postfix_str(f"{run.stage} {run.out.name}")
+        if run.stage == "stage1":
+            train_stage1(run.config, run.out, data=data[run.imbalance], **common)
+        else:
+            train_stage2(run.config, run.out, data=data[run.imbalance], **common)
+        bar.update(1)
+    bar.close()
+    return where, seeds, imbalances
+
+
 def run_table(
     rows: tuple[Row, ...] = TABLE1_ROWS,
     root: str | os.PathLike = "data",
@@ -151,38 +213,10 @@ def run_table(
     figures: bool = True,
 ) -> dict[str, Path]:
     """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files."""
-    from tqdm.auto import tqdm
-
-    seeds = [int(s) for s in seeds]
-    if len(set(seeds)) != len(seeds):
-        raise LtrError(f"--seeds {seeds} lists a seed twice; give each seed once")
-    if preset not in PRESETS:
-        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    imbalances = [float(i) for i in imbalances]
-    dev = resolve_device(device)
-    if preset == "paper" and dev.type != "cuda" and not allow_cpu:
-        raise LtrError(
-            "the paper preset trains 2 ResNet-34s for 200 epochs per seed and imbalance factor: "
-            "days on a CPU. Run it on a CUDA GPU, or try the pipeline with --preset smoke "
-            "(add --allow-cpu to insist)"
-        )
-    out = Path(out)
-    # Missing data fails here, before any run starts.
-    data = {imb: load_cifar_lt(root, dataset, imb, download=download) for imb in imbalances}
-    _claim_out(out, preset, dataset)
-    runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
-    common = dict(root=root, device=dev, compile=compile, progress=progress,
-                  ckpt_every=1 if dev.type == "cpu" else 10)
-    bar = tqdm(total=len(runs), desc=f"table ({preset})", unit="run", disable=not progress)
-    for run in runs:
-        bar.set_postfix_str(f"{run.stage} {run.out.name}")
-        if run.stage == "stage1":
-            train_stage1(run.config, run.out, data=data[run.imbalance], **common)
-        else:
-            train_stage2(run.config, run.out, data=data[run.imbalance], **common)
-        bar.update(1)
-    bar.close()
-    return write_tables(rows, out, where, seeds, imbalances, preset, dataset=dataset, figures=figures)
+    where, seeds, imbalances = run_plan(
+        rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress, allow_cpu,
+    )
+    return write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures)
 
 
 # ---------------------------------------------------------------- tables
@@ -222,7 +256,8 @@ def collect(rows: tuple[Row, ...], where: dict[tuple[str, float, int], Path], se
     return pd.DataFrame.from_records(records)
 
 
-def _fmt_cell(rec: pd.Series, g: str) -> str:
+def fmt_cell(rec: pd.Series, g: str) -> str:
+    """A cell of ours: mean ± std over seeds, "n/a" for an empty group, "no run" when nothing finished."""
     mean, std, n = rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"]
     if pd.isna(mean):
         return "n/a" if n == 0 and rec["seeds"] else "no run"
@@ -254,7 +289,7 @@ def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, s
         lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, rec in sub.iterrows():
-        cells = [rec["row"]] + [_fmt_cell(rec, g) for g in GROUPS]
+        cells = [rec["row"]] + [fmt_cell(rec, g) for g in GROUPS]
         cells += [_fmt_num(rec[f"{g}_paper"]) for g in GROUPS]
         cells += [_fmt_num(rec[f"{g}_diff"], signed=True) for g in GROUPS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -271,7 +306,7 @@ def markdown_table2(df: pd.DataFrame, tta: str, preset: str) -> str:
         sub = df[(df.row == name) & (df.tta == tta)]
         if sub.empty:
             continue
-        ours = [_fmt_cell(sub[sub.imbalance == i].iloc[0], "all") for i in imbs]
+        ours = [fmt_cell(sub[sub.imbalance == i].iloc[0], "all") for i in imbs]
         wb = [_fmt_num(PAPER_TABLE2[name].get(int(i))) for i in imbs]
         lines.append("| " + " | ".join([name] + ours + wb) + " |")
     return "\n".join(lines) + "\n"
@@ -302,8 +337,8 @@ def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int]
 
 
 def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imbalance: float,
-                  preset: str) -> dict[str, Path]:
-    """SPEC 5's figures from the run directories of one seed."""
+                  preset: str, folder: str = "figures") -> dict[str, Path]:
+    """SPEC 5's figures from the run directories of one seed, into out/folder."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +346,7 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
 
     from . import plots
 
-    fig_dir = out / "figures"
+    fig_dir = out / folder
     fig_dir.mkdir(parents=True, exist_ok=True)
     done = {r.name: where[r.name, imbalance, seed] for r in rows
             if (where[r.name, imbalance, seed] / "metrics.json").exists()}
@@ -328,7 +363,7 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
             "Accuracy by group (flip)", lambda: plots.plot_group_accuracy(dirs, labels=names, tta="flip")),
     }
     for n in stage1:
-        key = "naive" if n.startswith("WD=0") else "wd"
+        key = next(r for r in rows if r.name == n).stage1
         figs[f"norm_evolution_{key}.png"] = (
             f"{n}: weight norms over epochs", lambda d=done[n]: plots.plot_norm_evolution(d))
         figs[f"per_class_accuracy_{key}.png"] = (
@@ -343,5 +378,5 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
         fig.suptitle(title + note)
         fig.savefig(fig_dir / fname, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        written[f"figures/{fname}"] = fig_dir / fname
+        written[f"{folder}/{fname}"] = fig_dir / fname
     return written

@@ -1,18 +1,22 @@
-"""Configs, the one training loop shared by both stages, run directories, checkpoints and resume."""
+"""The one training loop shared by both stages and the comparison methods; run directories and resume."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import (
+    LATER_DEFAULTS,
     Stage1Config,
     Stage2Config,
     preset_config,
@@ -22,11 +26,13 @@ from .config import (
     validate_stage2,
 )
 from .data import DeviceLoader, LTData, LtrError, dataset_info, load_cifar_lt, resolve_device
-from .losses import make_loss
+from .losses import class_balanced_weights, cross_entropy, make_loss
 from .metrics import evaluate, per_class_accuracy, predict_logits, weight_norms
 from .models import build_model
 from .regularizers import (
+    ScaledLinear,
     l2_normalize,
+    logit_adjust_bias,
     maxnorm_threshold,
     project_max_norm,
     project_unit_norm,
@@ -59,6 +65,25 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, fidelity: str = "cor
 
 # ---------------------------------------------------------------- the loop
 
+# One (images, labels) pair per loader of the job, drawn in lockstep.
+Batches = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+StepOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (model, batches, autocast) -> (loss, logits, targets); the logits and targets score training accuracy.
+# Steps run their forward pass inside autocast() and their loss outside it (BCE refuses autocast).
+StepFn = Callable[[nn.Module, Batches, Callable[[], AbstractContextManager]], StepOut]
+
+
+def plain_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> StepFn:
+    """WB's step: one batch through the whole model, one loss on its logits."""
+
+    def step(model: nn.Module, batches: Batches, autocast: Callable[[], AbstractContextManager]) -> StepOut:
+        ((x, y),) = batches
+        with autocast():
+            logits = model(x)
+        return loss_fn(logits, y), logits, y
+
+    return step
+
 
 @dataclass
 class _Job:
@@ -66,9 +91,9 @@ class _Job:
 
     model: nn.Module  # the full model (evaluated as a whole)
     params: list[nn.Parameter]  # what the optimizer updates
-    loader: DeviceLoader  # training batches
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
-    epochs: int  # passes over the loader
+    loaders: list[DeviceLoader]  # batch sources, one batch each per step; equal lengths
+    step: StepFn  # forward pass and loss of one step
+    epochs: int  # passes over the loaders
     lr: float  # peak learning rate
     momentum: float  # SGD momentum
     wd: float  # weight decay
@@ -77,6 +102,8 @@ class _Job:
     train_mode: bool  # model.train() during steps (False keeps BN statistics frozen)
     after_step: Callable[[], None] | None = None  # projection after every optimizer step
     after_epoch: Callable[[], None] | None = None  # projection after every epoch
+    before_epoch: Callable[[int], None] | None = None  # gets the 0-based epoch (deferred re-weighting)
+    class_norms: Callable[[], torch.Tensor] | None = None  # per-class norms for history; default fc rows
 
 
 def _fit(
@@ -105,7 +132,7 @@ def _fit(
         # One fused kernel for the whole update on CUDA: at batch 64 launches, not FLOPs, dominate.
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    spe = len(job.loader)
+    spe = len(job.loaders[0])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, spe, job.epochs, job.fidelity)
     )
@@ -123,7 +150,13 @@ def _fit(
             ) from None
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        job.loader.load_state_dict({"generator": ckpt["loader_rng"].cpu()})
+        # Every loader's RNG state: each one's batch order (and augmentation) goes on where it stopped.
+        rngs = ckpt.get("loader_rngs") or [ckpt["loader_rng"]]
+        if len(rngs) != len(job.loaders):
+            raise LtrError(f"{ckpt_path} holds {len(rngs)} sampler states, this run has "
+                           f"{len(job.loaders)}; delete it to retrain")
+        for loader, state in zip(job.loaders, rngs, strict=True):
+            loader.load_state_dict({"generator": state.cpu()})
         history = list(ckpt.get("history", []))
         start = int(ckpt["epoch"])
     step_model = torch.compile(model) if compile else model
@@ -135,25 +168,27 @@ def _fit(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "loader_rng": job.loader.state_dict()["generator"],
+                "loader_rngs": [loader.state_dict()["generator"] for loader in job.loaders],
                 "epoch": epoch,
                 "history": history,
             },
         )
         write_history(out / "history.csv", history)
 
+    class_norms = job.class_norms or (lambda: weight_norms(model))
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
     bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not progress, unit="ep")
     for epoch in range(start, job.epochs):
         t0 = time.perf_counter()
         model.train(job.train_mode)
+        if job.before_epoch is not None:
+            job.before_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for x, y in job.loader:
+        for batches in zip(*job.loaders, strict=True):
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = step_model(x)
-            loss = job.loss_fn(logits, y)
+            loss, logits, y = job.step(step_model, batches, autocast)
             loss.backward()
             opt.step()
             sched.step()
@@ -186,7 +221,7 @@ def _fit(
             row["test_acc"] = round(
                 float(per_class_accuracy(preds, test_y, data.num_classes).nanmean()), 4
             )
-        norms = weight_norms(model).cpu().tolist()
+        norms = class_norms().cpu().tolist()
         row.update({f"wn_{c}": round(v, 6) for c, v in enumerate(norms)})
         history.append(row)
         bar.update(1)
@@ -244,6 +279,69 @@ def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def _claim(out: Path, stage: str, config: dict) -> dict | None:
+    """claim_run_dir, reading a field that an older config.json lacks as its default (LATER_DEFAULTS)."""
+    if (out / "config.json").exists():
+        prev = read_json(out / "config.json").get("config", {})
+        missing = object()
+        config = {k: v for k, v in config.items() if k in prev or LATER_DEFAULTS.get(k, missing) != v}
+    return claim_run_dir(out, stage, config)
+
+
+# ---------------------------------------------------------------- aux-balanced (SPEC 6, our reading)
+
+# The auxiliary heads live in the model's state_dict under this prefix, so checkpoints and resume carry
+# them; stage 2 and the metrics see the plain backbone and its main head `fc`.
+AUX_PREFIX = "aux_heads."
+# The class-balanced sampler's seed is the run's seed plus this: its own stream, never the instance one's.
+BALANCED_SEED_OFFSET = 1_000_003
+
+
+def add_aux_heads(model: nn.Module, num_classes: int, ssl: str | None) -> nn.ModuleDict:
+    """Attach the instance-batch head (and the 4-way rotation head) beside `fc`, as model.aux_heads."""
+    dim = model.fc.in_features
+    heads = {"instance": nn.Linear(dim, num_classes)}
+    if ssl == "rotation":
+        heads["rotation"] = nn.Linear(dim, 4)
+    model.aux_heads = nn.ModuleDict(heads)
+    return model.aux_heads
+
+
+def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i turned by (i mod 4) x 90 degrees counter-clockwise, and its label i mod 4."""
+    # Labels by position, not by a draw: the instance batch is already in random order, the 4 angles are
+    # exactly balanced in every batch, and no RNG state is consumed.
+    out = x.clone()
+    for k in (1, 2, 3):
+        out[k::4] = torch.rot90(x[k::4], k, dims=(2, 3))
+    return out, torch.arange(len(x), device=x.device) % 4
+
+
+def aux_balanced_step(aux_weight: float, rotation: bool) -> StepFn:
+    """CE of fc on the balanced batch + lambda * CE of the instance head on the instance batch (+ rot.)."""
+
+    def step(model: nn.Module, batches: Batches, autocast: Callable[[], AbstractContextManager]) -> StepOut:
+        (xb, yb), (xi, yi) = batches
+        parts = [xb, xi]
+        if rotation:
+            xr, yr = rotations(xi)
+            parts.append(xr)
+        nb, ni = len(yb), len(yi)
+        with autocast():
+            # One pass of the shared backbone over all images (BN sees their union); each head reads
+            # only the rows of its own batch, so it gets gradient from that batch alone.
+            feats = model.features(torch.cat(parts))
+            logits = model.fc(feats[:nb])
+            aux = model.aux_heads["instance"](feats[nb : nb + ni])
+            rot = model.aux_heads["rotation"](feats[nb + ni :]) if rotation else None
+        loss = cross_entropy(logits, yb) + aux_weight * cross_entropy(aux, yi)
+        if rot is not None:
+            loss = loss + cross_entropy(rot, yr)
+        return loss, logits, yb
+
+    return step
+
+
 # ---------------------------------------------------------------- stage 1
 
 
@@ -264,7 +362,7 @@ def train_stage1(
     validate_stage1(cfg)
     out = Path(out) if out is not None else Path("exp/stage1") / run_name(cfg)
     config = asdict(cfg)
-    done = claim_run_dir(out, "stage1", config)
+    done = _claim(out, "stage1", config)
     if done is not None:
         return done
     dev, amp = _setup(device, amp, cfg.fidelity)
@@ -278,18 +376,29 @@ def train_stage1(
                 {"stage": "stage1", "config": config, "runtime": runtime_info(dev, amp, compile, str(root))},
             )
         torch.manual_seed(cfg.seed)
-        model = _prepare_model(build_model(cfg.model, data.num_classes), dev)
-        loader = DeviceLoader(
+        model = build_model(cfg.model, data.num_classes)
+        loaders = [DeviceLoader(
             data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed,
             num_classes=data.num_classes,
-        )
+        )]
+        step = plain_step(make_loss("ce", data.counts, dev))
+        if cfg.method == "aux-balanced":
+            # Built after the backbone, so its initial weights equal those of a CE run with this seed.
+            add_aux_heads(model, data.num_classes, cfg.ssl)
+            balanced = DeviceLoader(
+                data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed + BALANCED_SEED_OFFSET,
+                sampling="balanced", num_classes=data.num_classes,
+            )
+            loaders = [balanced, loaders[0]]
+            step = aux_balanced_step(cfg.aux_weight, cfg.ssl == "rotation")
+        model = _prepare_model(model, dev)
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
         job = _Job(
             model=model,
             params=list(model.parameters()),
-            loader=loader,
-            loss_fn=make_loss("ce", data.counts, dev),
+            loaders=loaders,
+            step=step,
             epochs=cfg.epochs,
             lr=cfg.lr,
             momentum=cfg.momentum,
@@ -307,7 +416,7 @@ def train_stage1(
             return {"finished": False, "epoch": stop_after}
         return _finish(
             out, model, data, test_x, test_y, amp,
-            {"stage": "stage1", "name": out.name, "epochs": cfg.epochs,
+            {"stage": "stage1", "name": out.name, "epochs": cfg.epochs, "method": cfg.method,
              "train_seconds": round(time.perf_counter() - t0, 2)},
         )
 
@@ -335,7 +444,9 @@ def load_stage1(run_dir: str | os.PathLike, num_classes: int | None = None,
     names = {f.name for f in fields(Stage1Config)}
     cfg = Stage1Config(**{k: v for k, v in info["config"].items() if k in names})
     ckpt = load_checkpoint(run_dir / "ckpt.pt", "cpu")
-    fc_w = ckpt["model"].get("fc.weight")
+    # Stage 2 starts from the backbone and its main head; aux-balanced's extra heads are left behind.
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith(AUX_PREFIX)}
+    fc_w = state.get("fc.weight")
     classes = int(fc_w.shape[0]) if fc_w is not None else -1
     if num_classes is not None and classes != num_classes:
         raise LtrError(
@@ -344,7 +455,7 @@ def load_stage1(run_dir: str | os.PathLike, num_classes: int | None = None,
         )
     model = build_model(cfg.model, classes if classes > 0 else dataset_info(cfg.dataset).num_classes)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise LtrError(
             f"the checkpoint in {run_dir} does not match a {cfg.model} "
@@ -356,6 +467,118 @@ def load_stage1(run_dir: str | os.PathLike, num_classes: int | None = None,
 def trainable_layers(model: nn.Module, which: str) -> list[nn.Module]:
     """The layers stage 2 retrains: fc, or (last2) the final conv and fc."""
     return [model.fc] if which == "fc" else [model.last_conv(), model.fc]
+
+
+def cosine_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> StepFn:
+    """LDAM's step (Cao et al.): the loss sees cosines of normalised features and classifier rows."""
+
+    def step(model: nn.Module, batches: Batches, autocast: Callable[[], AbstractContextManager]) -> StepOut:
+        ((x, y),) = batches
+        with autocast():
+            feats = model.features(x)
+        cos = F.normalize(feats.float(), dim=1) @ F.normalize(model.fc.weight.float(), dim=1).T
+        return loss_fn(cos, y), cos, y
+
+    return step
+
+
+def _stage2_job(cfg: Stage2Config, model: nn.Module, data: LTData,
+                dev: torch.device) -> tuple[_Job, Callable[[], dict]]:
+    """The job of a stage-2 recipe, and a function giving what metrics.json records about it at the end."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    if cfg.reinit:
+        # cRT (Kang et al.): a fresh classifier, drawn from the run's seed, retrained on balanced batches.
+        model.fc.reset_parameters()
+    layers = trainable_layers(model, cfg.trainable)
+    params = [p for layer in layers for p in layer.parameters()]
+    loss_fn = make_loss(cfg.loss, data.counts, dev, cfg.cb_variant, cfg.cb_beta, cfg.la_tau)
+    step = plain_step(loss_fn)
+    weights = [layer.weight for layer in layers]
+    after_step = after_epoch = before_epoch = class_norms = None
+    thresholds: list[float] = []
+    report: dict = {}
+    if cfg.lws:
+        # Only the per-class scales learn; fc.weight and fc.bias stay the stage-1 tensors, bit for bit.
+        model.fc = ScaledLinear(model.fc)
+        params = [model.fc.scale]
+
+        def class_norms() -> torch.Tensor:
+            return model.fc.scale.detach().abs().float() * weight_norms(model)
+
+    elif cfg.loss == "ldam-drw":
+        # A cosine classifier (Cao et al.'s NormedLinear) kept in fc as unit rows with a zero bias: fc's
+        # logits |f| cos then rank classes as s cos does, so evaluation needs no special case.
+        with torch.no_grad():
+            model.fc.bias.zero_()
+        project_unit_norm(model.fc.weight)
+        params = [p for p in params if p is not model.fc.bias]
+
+        def after_step() -> None:
+            project_unit_norm(model.fc.weight)
+
+        # DRW: plain LDAM for the first half of the epochs, class-balanced weights (beta) for the second
+        # half (Cao et al. switch at epoch 160 of 200 end-to-end; stage 2 here is 10 epochs: epochs 6..10).
+        drw_from = cfg.epochs // 2
+        cb = class_balanced_weights(data.counts, cfg.cb_beta).to(dev)
+        report["drw_from_epoch"] = drw_from + 1
+
+        def before_epoch(epoch: int) -> None:
+            loss_fn.weight = cb if epoch >= drw_from else None
+
+        step = cosine_step(loss_fn)
+    elif cfg.maxnorm is not None:
+        # One threshold per layer, from the stage-1 weights, computed once (SPEC 4).
+        thresholds = [maxnorm_threshold(w, cfg.maxnorm) for w in weights]
+
+        def project() -> None:
+            for w, delta in zip(weights, thresholds, strict=True):
+                project_max_norm(w, delta)
+
+        if cfg.pgd_every == "step":
+            after_step = project
+        else:
+            after_epoch = project
+    elif cfg.unit_norm:
+        project_unit_norm(model.fc.weight)
+
+        def after_step() -> None:
+            project_unit_norm(model.fc.weight)
+
+    report["maxnorm_thresholds"] = thresholds
+    for p in params:
+        p.requires_grad_(True)
+    loader = DeviceLoader(
+        data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed,
+        sampling=cfg.sampling, num_classes=data.num_classes,
+    )
+    job = _Job(
+        model=model,
+        params=params,
+        loaders=[loader],
+        step=step,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        wd=cfg.wd,
+        fidelity="corrected",
+        eval_every=cfg.eval_every,
+        train_mode=cfg.bn == "train",
+        after_step=after_step,
+        after_epoch=after_epoch,
+        before_epoch=before_epoch,
+        class_norms=class_norms,
+    )
+
+    def final() -> dict:
+        if not cfg.lws:
+            return report
+        # The classifier that predicts is s_c * (w_c, b_c): report its norms, and the scales themselves.
+        return {**report, "weight_norms": class_norms().cpu().tolist(),
+                "lws_scales": model.fc.scale.detach().cpu().tolist()}
+
+    return job, final
 
 
 def train_stage2(
@@ -379,7 +602,7 @@ def train_stage2(
         out = Path("exp/stage2") / Path(cfg.from_run).name / stage2_name(cfg)
     out = Path(out)
     config = asdict(cfg)
-    done = claim_run_dir(out, "stage2", config)
+    done = _claim(out, "stage2", config)
     if done is not None:
         return done
     dev, amp = _setup(device, amp, "corrected")
@@ -401,64 +624,21 @@ def train_stage2(
             )
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
-        extra = {"stage": "stage2", "name": out.name, "from_run": str(cfg.from_run),
+        extra = {"stage": "stage2", "name": out.name, "from_run": str(cfg.from_run), "loss": cfg.loss,
                  "cb_variant": cfg.cb_variant if cfg.loss == "cb" else None}
         if cfg.posthoc is not None:
             if cfg.posthoc == "l2norm":
                 l2_normalize(model.fc.weight)
-            else:
+            elif cfg.posthoc == "tau-norm":
                 tau_normalize(model.fc.weight, cfg.tau)
+            else:
+                # In the bias, so that every evaluation (plain, flip, marginal likelihood) sees it.
+                logit_adjust_bias(model.fc.bias, data.counts, cfg.la_tau)
             save_torch(out / "ckpt.pt", {"model": model.state_dict(), "epoch": 0, "history": []})
             return _finish(out, model, data, test_x, test_y, amp,
                            {**extra, "epochs": 0, "posthoc": cfg.posthoc, "train_seconds": 0.0})
 
-        for p in model.parameters():
-            p.requires_grad_(False)
-        layers = trainable_layers(model, cfg.trainable)
-        params = [p for layer in layers for p in layer.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        weights = [layer.weight for layer in layers]
-        after_step = after_epoch = None
-        thresholds: list[float] = []
-        if cfg.maxnorm is not None:
-            # One threshold per layer, from the stage-1 weights, computed once (SPEC 4).
-            thresholds = [maxnorm_threshold(w, cfg.maxnorm) for w in weights]
-
-            def project() -> None:
-                for w, delta in zip(weights, thresholds, strict=True):
-                    project_max_norm(w, delta)
-
-            if cfg.pgd_every == "step":
-                after_step = project
-            else:
-                after_epoch = project
-        elif cfg.unit_norm:
-            project_unit_norm(model.fc.weight)
-
-            def after_step() -> None:
-                project_unit_norm(model.fc.weight)
-
-        torch.manual_seed(cfg.seed)
-        loader = DeviceLoader(
-            data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed,
-            sampling=cfg.sampling, num_classes=data.num_classes,
-        )
-        job = _Job(
-            model=model,
-            params=params,
-            loader=loader,
-            loss_fn=make_loss(cfg.loss, data.counts, dev, cfg.cb_variant, cfg.cb_beta),
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            wd=cfg.wd,
-            fidelity="corrected",
-            eval_every=cfg.eval_every,
-            train_mode=cfg.bn == "train",
-            after_step=after_step,
-            after_epoch=after_epoch,
-        )
+        job, report = _stage2_job(cfg, model, data, dev)
         t0 = time.perf_counter()
         finished = _fit(
             job, data, test_x, test_y, out, dev, amp, compile, progress,
@@ -468,7 +648,7 @@ def train_stage2(
             return {"finished": False, "epoch": stop_after}
         return _finish(
             out, model, data, test_x, test_y, amp,
-            {**extra, "epochs": cfg.epochs, "maxnorm_thresholds": thresholds,
+            {**extra, "epochs": cfg.epochs, **report(),
              "train_seconds": round(time.perf_counter() - t0, 2)},
         )
 
