@@ -22,16 +22,10 @@ from ltr.compare import COMPARE_ROWS, run_compare
 from ltr.config import Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
 from ltr.losses import LDAMLoss, class_balanced_weights, ldam_margins, log_prior, make_loss
+from ltr.methods import add_aux_heads, aux_balanced_step, rotations
 from ltr.models import build_model
 from ltr.tables import PAPER_PEERS, PAPER_TABLE1
-from ltr.train import (
-    add_aux_heads,
-    aux_balanced_step,
-    rotations,
-    stage2_from,
-    train_stage1,
-    train_stage2,
-)
+from ltr.train import stage2_from, train_stage1, train_stage2
 
 S1 = Stage1Config(dataset="cifar10", imbalance=10, model="resnet8", epochs=1, batch_size=128, lr=0.05)
 RUN_FILES = {"config.json", "metrics.json", "ckpt.pt", "history.csv"}
