@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ROOT ?= data
 SEEDS ?= 0 1 2
 
-.PHONY: install test lint table1 notebooks strip clean
+.PHONY: install test lint table1 compare notebooks strip clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install
 
 table1: install
 	$(PY) -m ltr table1 --root $(ROOT) --download --preset paper --seeds $(SEEDS)
+
+compare: install
+	$(PY) -m ltr compare --root $(ROOT) --download --preset paper --seeds $(SEEDS)
 
 notebooks: install
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test,notebooks]'

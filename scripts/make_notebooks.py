@@ -340,6 +340,25 @@ plots.plot_group_accuracy(SUMMARY, tta="flip", title="every model" + NOTE)'''),
 if not COMPARABLE:
     print(f"Our columns come from the {SOURCE}: they are NOT comparable to WB's columns.")
 plots.results_table(SUMMARY, tta="flip", paper=PAPER_TABLE1)'''),
+    ("md", """\
+## 7. Optional: WB beside its neighbours (no training here)
+
+`python -m ltr compare --preset PRESET` trains the comparison rows on the same backbone and schedule:
+our reading of *To Balance or Not to Balance* (Zhang et al.: a main head on class-balanced batches and an
+auxiliary head on instance batches), cRT, LWS, logit adjustment, balanced softmax and LDAM-DRW. This
+cell only **reads** the table that command wrote, if it exists; it never trains. The "published" column
+holds numbers that papers report for their own recipes; the Zhang et al. row is our reading of an
+abstract and has no published number."""),
+    ("code", '''\
+COMPARE = REPO / "exp" / ("compare" if PRESET == "paper" else f"compare-{PRESET}")
+if (COMPARE / "compare.csv").exists():
+    if not COMPARABLE:
+        print(f"These runs come from the {PRESET} preset: NOT comparable to published numbers.")
+    compare = pd.read_csv(COMPARE / "compare.csv")
+    display(compare[compare.tta == "flip"].drop(columns="tta"))
+else:
+    print(f"No comparison table in {COMPARE} yet. From the repository root run:")
+    print(f"  python -m ltr compare --preset {PRESET} --root {DATA_ROOT} --seeds 0")'''),
     ("md", r"""
 ## Try it
 
