@@ -185,8 +185,11 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
         else:
             out = Path("exp/stage2") / Path(cfg.from_run).name / train.stage2_name(cfg)
         metrics = train.train_stage2(cfg, out, **common)
-    _figures(out)
-    _report(metrics, out, args.json)
+    from .dist import is_main
+
+    if is_main():  # under torchrun the other ranks have nothing to report
+        _figures(out)
+        _report(metrics, out, args.json)
     return 0
 
 

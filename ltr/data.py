@@ -477,6 +477,7 @@ class DeviceLoader:
         train: bool = True,
         sampling: str = "instance",
         num_classes: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if sampling not in ("instance", "balanced"):
             raise LtrError(f"unknown sampling {sampling!r}; use 'instance' or 'balanced'")
@@ -486,6 +487,9 @@ class DeviceLoader:
         self.batch_size = int(batch_size)
         self.train = train
         self.sampling = sampling
+        # (rank, world): every process draws and augments the same global batch, then keeps its slice,
+        # so the union of the shards is exactly the single-process batch.
+        self.rank, self.world = shard
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         c = int(num_classes if num_classes is not None else int(self.y.max()) + 1)
@@ -518,10 +522,12 @@ class DeviceLoader:
         order = self.epoch_indices()
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = self.x[idx]
+            x, y = self.x[idx], self.y[idx]
             if self.train:
                 x = augment(x, self.generator)
-            yield normalize(x), self.y[idx]
+            if self.world > 1:
+                x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+            yield normalize(x), y
 
     def state_dict(self) -> dict:
         """The sampler's RNG state, so a resumed run draws the same batches."""

@@ -31,6 +31,8 @@ def plain_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) ->
     return step
 
 
+# The auxiliary heads (SPEC 6, our reading) live in the model's state_dict under this prefix, so
+# checkpoints and resume carry them; stage 2 and the metrics see the plain backbone and its head `fc`.
 AUX_PREFIX = "aux_heads."
 # The class-balanced sampler's seed is the run's seed plus this: its own stream, never the instance one's.
 BALANCED_SEED_OFFSET = 1_000_003

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dist
 from .config import (
     LATER_DEFAULTS,
     Stage1Config,
@@ -149,6 +151,8 @@ def _fit(
     step_model = torch.compile(model) if compile else model
 
     def save(epoch: int) -> None:
+        if not dist.is_main():
+            return  # under torchrun only rank 0 writes the run directory
         save_torch(
             ckpt_path,
             {
@@ -164,7 +168,8 @@ def _fit(
 
     class_norms = job.class_norms or (lambda: weight_norms(model))
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
-    bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not progress, unit="ep")
+    bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not (progress and dist.is_main()),
+               unit="ep")
     for epoch in range(start, job.epochs):
         t0 = time.perf_counter()
         model.train(job.train_mode)
@@ -172,11 +177,12 @@ def _fit(
             job.before_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        seen = torch.zeros((), device=device, dtype=torch.long)
         for batches in zip(*job.loaders, strict=True):
             opt.zero_grad(set_to_none=True)
             loss, logits, y = job.step(step_model, batches, autocast)
             loss.backward()
+            dist.average_gradients(job.params)  # no-op in a single process
             opt.step()
             sched.step()
             if job.after_step is not None:
@@ -187,6 +193,8 @@ def _fit(
             seen += len(y)
         if job.after_epoch is not None:
             job.after_epoch()
+        dist.sum_across(loss_sum, correct, seen)
+        seen = int(seen)
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             bar.close()
@@ -246,7 +254,8 @@ def _finish(
         amp=amp,
     )
     metrics.update(extra)
-    write_json(out / "metrics.json", metrics)
+    if dist.is_main():
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -275,10 +284,6 @@ def _claim(out: Path, stage: str, config: dict) -> dict | None:
     return claim_run_dir(out, stage, config)
 
 
-# ---------------------------------------------------------------- aux-balanced (SPEC 6, our reading)
-
-# The auxiliary heads live in the model's state_dict under this prefix, so checkpoints and resume carry
-# them; stage 2 and the metrics see the plain backbone and its main head `fc`.
 # ---------------------------------------------------------------- stage 1
 
 
@@ -303,20 +308,24 @@ def train_stage1(
     if done is not None:
         return done
     dev, amp = _setup(device, amp, cfg.fidelity)
+    dev = dist.init(dev)
+    dist.check_batch(cfg.batch_size)
+    rank, world = dist.world()
     if data is None:
         data = load_cifar_lt(root, cfg.dataset, cfg.imbalance, download=download)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        if not (out / "config.json").exists():
-            write_json(
-                out / "config.json",
-                {"stage": "stage1", "config": config, "runtime": runtime_info(dev, amp, compile, str(root))},
-            )
+    main = dist.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out) if main else contextlib.nullcontext():
+        if main and not (out / "config.json").exists():
+            runtime = {**runtime_info(dev, amp, compile, str(root)), "processes": world}
+            write_json(out / "config.json", {"stage": "stage1", "config": config, "runtime": runtime})
+        dist.barrier()
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, data.num_classes)
         loaders = [DeviceLoader(
             data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed,
-            num_classes=data.num_classes,
+            num_classes=data.num_classes, shard=(rank, world),
         )]
         step = plain_step(make_loss("ce", data.counts, dev))
         if cfg.method == "aux-balanced":
@@ -324,10 +333,13 @@ def train_stage1(
             add_aux_heads(model, data.num_classes, cfg.ssl)
             balanced = DeviceLoader(
                 data.train_x, data.train_y, cfg.batch_size, dev, seed=cfg.seed + BALANCED_SEED_OFFSET,
-                sampling="balanced", num_classes=data.num_classes,
+                sampling="balanced", num_classes=data.num_classes, shard=(rank, world),
             )
             loaders = [balanced, loaders[0]]
             step = aux_balanced_step(cfg.aux_weight, cfg.ssl == "rotation")
+        if world > 1 and dev.type == "cuda":
+            # Batch statistics over the whole global batch, as in a single process (NCCL only).
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = _prepare_model(model, dev)
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
