@@ -24,6 +24,7 @@ from .tables import (
     Row,
     collect,
     fmt_cell,
+    md_rows,
     run_plan,
     table_figures,
 )
@@ -130,12 +131,9 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int]) 
         "which publishes no code or number. \"–\": no published CIFAR100-LT IF100 figure in our sources.",
         "",
     ]
-    if preset != "paper":
-        lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, rec in sub.iterrows():
-        cells = [rec["row"], rec["stage1"]] + [fmt_cell(rec, g) for g in GROUPS] + [rec["published"]]
-        lines.append("| " + " | ".join(cells) + " |")
+    body = [[rec["row"], rec["stage1"]] + [fmt_cell(rec, g) for g in GROUPS] + [rec["published"]]
+            for _, rec in sub.iterrows()]
+    lines += md_rows(head, body, preset)
     lines += [
         "",
         "Recipes: cRT = classifier re-initialised and retrained with class-balanced sampling (Kang et al.); "

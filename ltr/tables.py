@@ -270,6 +270,15 @@ def _fmt_num(x: object, signed: bool = False) -> str:
     return f"{x:+.2f}" if signed else f"{x:.2f}"
 
 
+def md_rows(head: list[str], rows: list[list[str]], preset: str | None = None) -> list[str]:
+    """Markdown table lines, preceded by a warning when the preset is not the paper's."""
+    lines = []
+    if preset is not None and preset != "paper":
+        lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, seeds: list[int],
                     dataset: str = "cifar100") -> str:
     """Table 1 as markdown: ours (mean ± std over seeds), WB's value and the difference per group."""
@@ -285,14 +294,10 @@ def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, s
         "best test epoch). \"n/a\": the group has no class; \"no run\": no finished run in this folder.",
         "",
     ]
-    if preset != "paper":
-        lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, rec in sub.iterrows():
-        cells = [rec["row"]] + [fmt_cell(rec, g) for g in GROUPS]
-        cells += [_fmt_num(rec[f"{g}_paper"]) for g in GROUPS]
-        cells += [_fmt_num(rec[f"{g}_diff"], signed=True) for g in GROUPS]
-        lines.append("| " + " | ".join(cells) + " |")
+    body = [[rec["row"]] + [fmt_cell(rec, g) for g in GROUPS]
+            + [_fmt_num(rec[f"{g}_paper"]) for g in GROUPS]
+            + [_fmt_num(rec[f"{g}_diff"], signed=True) for g in GROUPS] for _, rec in sub.iterrows()]
+    lines += md_rows(head, body, preset)
     return "\n".join(lines) + "\n"
 
 
