@@ -26,6 +26,7 @@ from .tables import (
     fmt_cell,
     md_rows,
     run_plan,
+    synthetic_note,
     table_figures,
 )
 
@@ -155,7 +156,7 @@ def write_compare(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int
     df = compare_frame(rows, where, seeds, preset)
     files = {"compare.csv": out / "compare.csv", "compare.md": out / "compare.md"}
     write_atomic(files["compare.csv"], df.to_csv(index=False))
-    write_atomic(files["compare.md"], markdown_compare(df, tta, preset, seeds))
+    write_atomic(files["compare.md"], synthetic_note(where) + markdown_compare(df, tta, preset, seeds))
     write_json(out / "compare_runs.json", {
         "preset": preset, "seeds": seeds, "imbalances": [IMBALANCE],
         "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],

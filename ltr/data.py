@@ -352,6 +352,11 @@ class LTData:
         return len(self.counts)
 
     @property
+    def synthetic(self) -> bool:
+        """True for files written by ltr.synthetic (class names class0, class1, ...): not CIFAR."""
+        return bool(self.class_names) and all(n == f"class{i}" for i, n in enumerate(self.class_names))
+
+    @property
     def groups(self) -> dict[str, list[int]]:
         """Many/Medium/Few class ids."""
         return class_groups(self.counts)

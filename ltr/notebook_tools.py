@@ -18,7 +18,7 @@ SYNTHETIC_NOTE = (
 def is_synthetic(root: str | os.PathLike, dataset: str = "cifar100") -> bool:
     """True when the dataset under root was written by ltr.synthetic (its class names are class0, ...)."""
     names = read_class_names(root, dataset)
-    return all(name == f"class{i}" for i, name in enumerate(names))
+    return all(name == f"class{i}" for i, name in enumerate(names))  # as LTData.synthetic
 
 
 def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100") -> tuple[Path, bool]:

@@ -494,6 +494,8 @@ def run_figures(run_dir: str | os.PathLike) -> list[Path]:
         return []  # an unfinished run (stopped early) has nothing final to plot
     run = load_run(run_dir)
     title = f"{run['stage']} run {run['name']}"
+    if run["metrics"].get("synthetic_data"):
+        title += "  [SYNTHETIC data: describes the code, not the paper]"
     jobs = [
         ("weight_norms.png", lambda p: plot_weight_norms(run, title=title, save=p)),
         ("per_class_acc.png", lambda p: plot_per_class_accuracy(run, title=title, save=p)),

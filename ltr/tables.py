@@ -270,6 +270,15 @@ def _fmt_num(x: object, signed: bool = False) -> str:
     return f"{x:+.2f}" if signed else f"{x:.2f}"
 
 
+def synthetic_note(where: dict) -> str:
+    """A warning line when any finished run of the plan trained on synthetic files, else ''."""
+    runs = [p / "metrics.json" for p in where.values() if (p / "metrics.json").exists()]
+    if any(read_json(m).get("synthetic_data") for m in runs):
+        return ("**These runs used SYNTHETIC images (ltr.synthetic), not CIFAR: the numbers describe the "
+                "code, not the paper.**\n")
+    return ""
+
+
 def md_rows(head: list[str], rows: list[list[str]], preset: str | None = None) -> list[str]:
     """Markdown table lines, preceded by a warning when the preset is not the paper's."""
     lines = []
@@ -327,7 +336,7 @@ def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int]
     main_imb = 100.0 if 100.0 in imbalances else imbalances[0]
     md = [markdown_table1(df, i, tta, preset, seeds, dataset)
           for i in [main_imb] + [i for i in imbalances if i != main_imb]]
-    write_atomic(files["table1.md"], "\n".join(md))
+    write_atomic(files["table1.md"], synthetic_note(where) + "\n".join(md))
     if len(imbalances) > 1:
         files["table2.md"] = out / "table2.md"
         write_atomic(files["table2.md"], markdown_table2(df, tta, preset))
@@ -344,12 +353,7 @@ def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int]
 def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imbalance: float,
                   preset: str, folder: str = "figures") -> dict[str, Path]:
     """SPEC 5's figures from the run directories of one seed, into out/folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import plots
+    from . import plots  # builds Figures without pyplot: no backend switch, nothing left open
 
     fig_dir = out / folder
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +362,8 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
     if not done:
         return {}
     note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
+    if any(read_json(d / "metrics.json").get("synthetic_data") for d in done.values()):
+        note += " [SYNTHETIC data: describes the code, not the paper]"
     names, dirs = list(done), list(done.values())
     stage1 = [n for n in names if not next(r for r in rows if r.name == n).stage2]
     figs = {
@@ -382,6 +388,5 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
         fig = make()
         fig.suptitle(title + note)
         fig.savefig(fig_dir / fname, dpi=110, bbox_inches="tight")
-        plt.close(fig)
         written[f"{folder}/{fname}"] = fig_dir / fname
     return written

@@ -234,3 +234,10 @@ def test_unknown_dataset(small_root: Path, capsys: pytest.CaptureFixture) -> Non
 def test_imbalance_too_large_for_data(small_root: Path) -> None:
     with pytest.raises(D.DataError, match="no image"):
         D.load_cifar_lt(small_root, "cifar100", 1000)
+
+
+def test_synthetic_flag(small_root: Path) -> None:
+    lt = D.load_cifar_lt(small_root, "cifar10", 10)
+    assert lt.synthetic
+    lt.class_names = ["airplane"] + lt.class_names[1:]
+    assert not lt.synthetic

@@ -50,6 +50,7 @@ def test_all_rows_with_mean_std_paper_and_figures(table: Path) -> None:
     assert flip.many_mean.isna().all()  # 100 images a class: no class has > 100, so Many is n/a
     md = (table / "table1.md").read_text()
     assert "flip-averaged" in md and " ± " in md and "n/a" in md and "not the paper's recipe" in md
+    assert md.startswith("**These runs used SYNTHETIC images")
     for name in PAPER_TABLE1:
         assert f"| {name} |" in md
     figs = sorted(p.name for p in (table / "figures").glob("*.png"))

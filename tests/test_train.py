@@ -35,6 +35,7 @@ def test_smoke_run_learns_and_writes_run_dir(small_root: Path, tmp_path: Path) -
     m = train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
     assert {p.name for p in out.iterdir()} >= {"config.json", "history.csv", "metrics.json", "ckpt.pt"}
     assert m["plain"]["all"] > 20  # chance is 1%
+    assert m["synthetic_data"] is True
     assert m["plain"]["many"] > 80
     for key in ("plain", "flip"):
         assert set(m[key]) == {"all", "many", "medium", "few"}
