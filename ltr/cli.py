@@ -21,6 +21,20 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_plan(p: argparse.ArgumentParser, name: str, out_note: str) -> None:
+    """Flags shared by the planned multi-run commands (table1, compare)."""
+    p.add_argument("--root", default="data", help="data root (default: data)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument("--preset", default="paper", help="paper | smoke | tiny")
+    p.add_argument("--out", default=None, help=f"output folder (default: exp/{name}[-PRESET]){out_note}")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
+    p.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ltr` argument parser."""
     parser = argparse.ArgumentParser(
@@ -86,32 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(s2)
 
     c = sub.add_parser("compare", help="WB beside aux-balanced and cRT, LWS, LA, BS, LDAM-DRW baselines")
-    c.add_argument("--root", default="data", help="data root (default: data)")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    c.add_argument("--preset", default="paper", help="paper | smoke | tiny")
-    c.add_argument("--out", default=None,
-                   help="output folder (default: exp/compare[-PRESET]); a table1 folder of the same preset "
-                        "reuses its stage-1 runs")
-    c.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
-    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    c.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
-    c.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
-    c.add_argument("--no-figures", action="store_true", help="skip the figures")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_plan(c, "compare", "; a table1 folder of the same preset reuses its stage-1 runs")
 
     t = sub.add_parser("table1", help="regenerate WB Table 1 (and Table 2) with every run it needs")
-    t.add_argument("--root", default="data", help="data root (default: data)")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    t.add_argument("--preset", default="paper", help="paper | smoke")
+    _add_plan(t, "table1", "")
     t.add_argument("--imbalance", nargs="+", default=["100"], help="imbalance factors (default: 100)")
     t.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10 (WB's tables: cifar100)")
-    t.add_argument("--out", default=None, help="output folder (default: exp/table1[-PRESET])")
-    t.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
-    t.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
-    t.add_argument("--no-figures", action="store_true", help="skip the figures")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from . import bench
 
@@ -188,46 +182,45 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
     from .dist import is_main
 
     if is_main():  # under torchrun the other ranks have nothing to report
-        _figures(out)
+        from . import plots
+
+        plots.run_figures(out)
         _report(metrics, out, args.json)
     return 0
 
 
-def _figures(out: Path) -> None:
-    try:
-        from . import plots
-    except ImportError:  # plotting is optional for the command line
-        return
-    plots.run_figures(out)
+
+
+def _plan_out(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out or (f"exp/{name}" if args.preset == "paper" else f"exp/{name}-{args.preset}"))
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    return dict(root=args.root, preset=args.preset, seeds=args.seeds, device=args.device,
+                download=args.download, compile=args.compile, progress=not args.quiet,
+                allow_cpu=args.allow_cpu, figures=not args.no_figures)
+
+
+def _print_plan(out: Path, table: str, files: dict[str, Path]) -> int:
+    print((out / table).read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
 
 
 def _table1(args: argparse.Namespace) -> int:
     from .tables import run_table
 
     imbalances = [check_imbalance(i) for i in args.imbalance]
-    out = Path(args.out or ("exp/table1" if args.preset == "paper" else f"exp/table1-{args.preset}"))
-    files = run_table(
-        root=args.root, out=out, preset=args.preset, seeds=args.seeds, imbalances=imbalances,
-        dataset=args.dataset, device=args.device, download=args.download, compile=args.compile,
-        progress=not args.quiet, allow_cpu=args.allow_cpu, figures=not args.no_figures,
-    )
-    print((out / "table1.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in files.values()))
-    return 0
+    out = _plan_out(args, "table1")
+    files = run_table(out=out, imbalances=imbalances, dataset=args.dataset, **_plan_kwargs(args))
+    return _print_plan(out, "table1.md", files)
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
-    out = Path(args.out or ("exp/compare" if args.preset == "paper" else f"exp/compare-{args.preset}"))
-    files = run_compare(
-        root=args.root, out=out, preset=args.preset, seeds=args.seeds, device=args.device,
-        download=args.download, compile=args.compile, progress=not args.quiet, allow_cpu=args.allow_cpu,
-        figures=not args.no_figures,
-    )
-    print((out / "compare.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in files.values()))
-    return 0
+    out = _plan_out(args, "compare")
+    return _print_plan(out, "compare.md", run_compare(out=out, **_plan_kwargs(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

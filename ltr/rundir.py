@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -168,8 +167,3 @@ def write_history(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(path, buf.getvalue())
-
-
-def iter_runs(root: str | os.PathLike) -> Iterable[Path]:
-    """Every finished run directory (one holding metrics.json) below root."""
-    return sorted(p.parent for p in Path(root).rglob("metrics.json"))

@@ -387,6 +387,6 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
     for fname, (title, make) in figs.items():
         fig = make()
         fig.suptitle(title + note)
-        fig.savefig(fig_dir / fname, dpi=110, bbox_inches="tight")
+        write_atomic(fig_dir / fname, plots.figure_png(fig))
         written[f"{folder}/{fname}"] = fig_dir / fname
     return written
