@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--imbalance", default="100", help="imbalance factor n_max / n_min (>= 1)")
     d.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.add_argument("--verify", action="store_true",
+                   help="check the unpacked files against the official md5 values (exit 2 on a mismatch)")
 
     s1 = sub.add_parser("stage1", help="feature learning: train a backbone (CE, or aux-balanced)")
     s1.add_argument("--method", default=None,
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _data(args: argparse.Namespace) -> int:
     if args.dataset not in DATASETS:
         raise LtrError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
+    if args.verify:
+        return _verify(args)
     imbalance = check_imbalance(args.imbalance)
     data = load_cifar_lt(args.root, args.dataset, imbalance, download=args.download)
     info = data.summary()
@@ -134,6 +138,27 @@ def _data(args: argparse.Namespace) -> int:
     for start in range(0, len(counts), 10):
         print(f"  {start:3d}-{min(start + 9, len(counts) - 1):3d}: "
               + " ".join(f"{n:5d}" for n in counts[start : start + 10]))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .data import dataset_info, download, verify
+
+    if args.download:
+        download(args.root, args.dataset)  # verifies what it unpacks
+    checks = verify(args.root, args.dataset)
+    for c in checks:
+        state = "ok" if c.ok else ("missing" if c.got is None else f"DIFFERS (md5 {c.got})")
+        print(f"{c.file}: {state}" + ("" if c.ok else f", expected md5 {c.expected}"))
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        folder = Path(args.root) / dataset_info(args.dataset).folder
+        raise LtrError(
+            f"{len(bad)} of {len(checks)} files differ from the official {args.dataset} "
+            f"({', '.join(Path(c.file).name for c in bad)}): delete {folder} and run "
+            f"`python -m ltr data --root {args.root} --dataset {args.dataset} --download`"
+        )
+    print(f"all {len(checks)} files of {args.dataset} match the official md5 values")
     return 0
 
 

@@ -40,6 +40,7 @@ class DatasetInfo:
     label_key: bytes  # key of the label list in each split pickle
     names_key: bytes  # key of the class-name list in the meta pickle
     num_classes: int  # number of classes
+    file_md5: tuple[tuple[str, str], ...] = ()  # (file, md5) of each unpacked file, official values
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -54,6 +55,11 @@ DATASETS: dict[str, DatasetInfo] = {
         label_key=b"fine_labels",
         names_key=b"fine_label_names",
         num_classes=100,
+        file_md5=(
+            ("train", "16019d7e3df5f24257cddd939b257f8d"),
+            ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+            ("meta", "7973b15100ade9c7d40fb424638fde48"),
+        ),
     ),
     "cifar10": DatasetInfo(
         folder="cifar-10-batches-py",
@@ -66,6 +72,15 @@ DATASETS: dict[str, DatasetInfo] = {
         label_key=b"labels",
         names_key=b"label_names",
         num_classes=10,
+        file_md5=(
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+            ("test_batch", "40351d587109b95175f43aff81a1287e"),
+            ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+        ),
     ),
 }
 
@@ -156,7 +171,42 @@ def download(root: str | os.PathLike, dataset: str = "cifar100") -> Path:
             archive.unlink()
             raise
     _extract(archive, root, info)
+    bad = [c for c in verify(root, dataset) if not c.ok]
+    if bad:
+        # A good archive unpacks to the official files; anything else must not be trained on.
+        shutil.rmtree(target, ignore_errors=True)
+        archive.unlink(missing_ok=True)
+        raise DataError(
+            f"{info.archive} unpacked to files that differ from the official ones "
+            f"({', '.join(c.file for c in bad)}); both were removed. Download again with --download"
+        )
     return target
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """The md5 check of one unpacked dataset file."""
+
+    file: str  # path of the file
+    expected: str  # official md5
+    got: str | None  # md5 found, None when the file is missing
+
+    @property
+    def ok(self) -> bool:
+        """True when the file is there and matches the official md5."""
+        return self.got == self.expected
+
+
+def verify(root: str | os.PathLike, dataset: str = "cifar100") -> list[FileCheck]:
+    """md5 of every unpacked file of a dataset against the official values (missing files included)."""
+    info = dataset_info(dataset)
+    folder = Path(root) / info.folder
+    if not folder.is_dir():
+        raise DataError(_missing_message(Path(root), info))
+    return [
+        FileCheck(str(folder / name), md5, _md5(folder / name) if (folder / name).is_file() else None)
+        for name, md5 in info.file_md5
+    ]
 
 
 def _check_md5(path: Path, info: DatasetInfo) -> None:

@@ -166,16 +166,63 @@ def _archive(tmp_path: Path, dataset: str) -> Path:
     return path
 
 
+def _small_info(tmp_path: Path, archive: Path, **fields: object) -> D.DatasetInfo:
+    """cifar10's info for the small archive: its md5 and the md5 of the files it packs."""
+    src = tmp_path / "src" / D.DATASETS["cifar10"].folder
+    names = [n for n, _ in D.DATASETS["cifar10"].file_md5]
+    files = tuple((n, hashlib.md5((src / n).read_bytes()).hexdigest()) for n in names)
+    return replace(D.DATASETS["cifar10"], url=archive.as_uri(),
+                   md5=hashlib.md5(archive.read_bytes()).hexdigest(), file_md5=files, **fields)
+
+
 def test_download_checks_md5_and_unpacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = _archive(tmp_path, "cifar10")
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    info = replace(D.DATASETS["cifar10"], url=archive.as_uri(), md5=md5)
+    info = _small_info(tmp_path, archive)
     monkeypatch.setitem(D.DATASETS, "cifar10", info)
     root = tmp_path / "root"
     folder = D.download(root, "cifar10")
     assert folder == root / info.folder and (folder / "test_batch").is_file()
+    assert all(c.ok for c in D.verify(root, "cifar10"))
     assert D.download(root, "cifar10") == folder  # present: skipped
     assert not [p for p in root.iterdir() if p.name.startswith(".") or p.suffix == ".part"]
+
+
+def test_download_verifies_unpacked_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The archive's md5 matches, but a file inside it is not the official one: nothing is kept.
+    archive = _archive(tmp_path, "cifar10")
+    info = _small_info(tmp_path, archive)
+    files = dict(info.file_md5)
+    files["test_batch"] = "0" * 32
+    monkeypatch.setitem(D.DATASETS, "cifar10", replace(info, file_md5=tuple(files.items())))
+    root = tmp_path / "root"
+    with pytest.raises(D.DataError, match="test_batch") as err:
+        D.download(root, "cifar10")
+    assert "--download" in str(err.value)
+    assert list(root.iterdir()) == []
+
+
+def test_verify_cli_names_the_file_that_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    archive = _archive(tmp_path, "cifar10")
+    info = _small_info(tmp_path, archive)
+    monkeypatch.setitem(D.DATASETS, "cifar10", info)
+    root = tmp_path / "root"
+    D.download(root, "cifar10")
+    assert main(["data", "--root", str(root), "--dataset", "cifar10", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == 7 and "data_batch_5" in out and "batches.meta" in out
+    batch = root / info.folder / "data_batch_2"
+    raw = bytearray(batch.read_bytes())
+    raw[-1] ^= 1  # one flipped bit
+    batch.write_bytes(bytes(raw))
+    assert main(["data", "--root", str(root), "--dataset", "cifar10", "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count(": ok") == 6
+    assert "data_batch_2" in captured.err and "--download" in captured.err and "delete" in captured.err
+    (root / info.folder / "test_batch").unlink()
+    assert main(["data", "--root", str(root), "--dataset", "cifar10", "--verify"]) == 2
+    assert "missing" in capsys.readouterr().out
+    assert main(["data", "--root", str(tmp_path / "nowhere"), "--verify"]) == 2
 
 
 def test_download_bad_md5_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
