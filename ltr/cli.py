@@ -7,25 +7,39 @@ import json
 import sys
 from pathlib import Path
 
+from .config import PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
 
+PRESET_NAMES = " | ".join(PRESETS)
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default="data", help="data root holding cifar-100-python/ (default: data)")
+
+def _add_runtime(p: argparse.ArgumentParser, root: str | None = "data", root_note: str = "data") -> None:
+    """Flags every single-run command shares (stage1, stage2)."""
+    p.add_argument("--root", default=root, help=f"data root holding cifar-100-python/ (default: {root_note})")
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--preset", default="paper", help="paper | smoke | tiny (explicit flags override it)")
+    p.add_argument("--preset", default="paper", help=f"{PRESET_NAMES} (explicit flags override it)")
     p.add_argument("--out", default=None, help="run directory (default: derived from the config)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_general(p: argparse.ArgumentParser, epochs: str, batch: str, lr: str, every: str) -> None:
+    """The training flags stage 1 and stage 2 share (defaults: the paper preset's)."""
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs (paper: {epochs})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per step (paper: {batch})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (paper: {lr})")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"epochs between test evaluations (default {every})")
 
 
 def _add_plan(p: argparse.ArgumentParser, name: str, out_note: str) -> None:
     """Flags shared by the planned multi-run commands (table1, compare)."""
     p.add_argument("--root", default="data", help="data root (default: data)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    p.add_argument("--preset", default="paper", help="paper | smoke | tiny")
+    p.add_argument("--preset", default="paper", help=PRESET_NAMES)
     p.add_argument("--out", default=None, help=f"output folder (default: exp/{name}[-PRESET]){out_note}")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -63,12 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s1.add_argument("--imbalance", default=None, help="imbalance factor (default 100)")
     s1.add_argument("--model", default=None, help="resnet34 | resnet32 | resnet8")
     s1.add_argument("--wd", type=float, default=None, help="weight decay (paper: 5e-3; naive: 0)")
-    s1.add_argument("--epochs", type=int, default=None, help="epochs (paper: 200)")
-    s1.add_argument("--batch-size", type=int, default=None, help="images per step (paper: 64)")
-    s1.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
-    s1.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    _add_general(s1, "200", "64", "0.01", "10")
     s1.add_argument("--fidelity", default=None, help="corrected | official (the official quirks)")
-    s1.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
     _add_runtime(s1)
 
     s2 = sub.add_parser("stage2", help="classifier learning on a finished stage-1 run")
@@ -95,11 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--trainable", default=None, help="fc | last2 (last conv + fc)")
     s2.add_argument("--bn", default=None, help="eval | train (train = the official code's drift)")
     s2.add_argument("--sampling", default=None, help="instance | balanced")
-    s2.add_argument("--epochs", type=int, default=None, help="epochs (paper: 10)")
-    s2.add_argument("--batch-size", type=int, default=None, help="images per step (paper: 64)")
-    s2.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 0.01)")
-    s2.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    _add_runtime(s2)
+    _add_general(s2, "10", "64", "0.01", "1")
+    _add_runtime(s2, None, "the root its stage-1 run recorded")
 
     c = sub.add_parser("compare", help="WB beside aux-balanced and cRT, LWS, LA, BS, LDAM-DRW baselines")
     _add_plan(c, "compare", "; a table1 folder of the same preset reuses its stage-1 runs")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -70,10 +72,18 @@ def evaluate(
     val_idx: torch.Tensor | None = None,
     heldout_idx: torch.Tensor | None = None,
     amp: bool = False,
+    predict: Callable[[bool], torch.Tensor] | None = None,
 ) -> dict:
-    """What metrics.json records, plain and flip-averaged, on the full test set and its halves."""
-    plain = predict_logits(model, test_x, amp=amp)
-    flipped = predict_logits(model, test_x, flip=True, amp=amp)
+    """What metrics.json records, plain and flip-averaged, on the full test set and its halves.
+
+    predict(flip) gives the test logits when they can be had without a pass over the images.
+    """
+    if predict is None:
+        def predict(flip: bool) -> torch.Tensor:
+            return predict_logits(model, test_x, flip=flip, amp=amp)
+
+    plain = predict(False)
+    flipped = predict(True)
     out: dict = {}
     out["plain"], out["per_class_acc"] = _summary(plain, test_y, counts)
     out["flip"], out["per_class_acc_flip"] = _summary(flipped, test_y, counts)

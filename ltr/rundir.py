@@ -130,6 +130,8 @@ def runtime_info(device: torch.device, amp: bool, compile: bool, root: str) -> d
         "amp_bf16": amp,
         "compile": compile,
         "root": str(root),
+        # Where the data was, whatever the working directory: stage 2 finds it from here.
+        "root_resolved": str(Path(root).resolve()),
         "ltr_version": __version__,
         "torch": torch.__version__,
         "git_commit": git_commit(),

@@ -25,7 +25,7 @@ from .config import (
     validate_stage1,
     validate_stage2,
 )
-from .data import DeviceLoader, LTData, LtrError, dataset_info, load_cifar_lt, resolve_device
+from .data import DeviceLoader, LTData, LtrError, dataset_info, load_cifar_lt, normalize, resolve_device
 from .losses import class_balanced_weights, make_loss
 from .methods import (
     AUX_PREFIX,
@@ -93,6 +93,7 @@ class _Job:
     after_epoch: Callable[[], None] | None = None  # projection after every epoch
     before_epoch: Callable[[int], None] | None = None  # gets the 0-based epoch (deferred re-weighting)
     class_norms: Callable[[], torch.Tensor] | None = None  # per-class norms for history; default fc rows
+    predict: Callable[[bool], torch.Tensor] | None = None  # test logits (flip?) without the images
 
 
 def _fit(
@@ -212,7 +213,8 @@ def _fit(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.epochs:
-            preds = predict_logits(model, test_x, amp=amp).argmax(1)
+            logits = job.predict(False) if job.predict else predict_logits(model, test_x, amp=amp)
+            preds = logits.argmax(1)
             row["test_acc"] = round(
                 float(per_class_accuracy(preds, test_y, data.num_classes).nanmean()), 4
             )
@@ -241,6 +243,7 @@ def _finish(
     test_y: torch.Tensor,
     amp: bool,
     extra: dict,
+    predict: Callable[[bool], torch.Tensor] | None = None,
 ) -> dict:
     """Evaluate the last epoch and write metrics.json, which marks the run as finished."""
     dev = test_x.device
@@ -252,6 +255,7 @@ def _finish(
         torch.as_tensor(data.val_idx, device=dev),
         torch.as_tensor(data.heldout_idx, device=dev),
         amp=amp,
+        predict=predict,
     )
     metrics.update(extra)
     # Figures and tables label runs on synthetic files, so they cannot pass for paper results.
@@ -415,6 +419,59 @@ def load_stage1(run_dir: str | os.PathLike, num_classes: int | None = None,
     return _prepare_model(model, resolve_device(device)), cfg
 
 
+FEATURES_FILE = "test_features.pt"
+
+
+@torch.no_grad()
+def test_features(run_dir: str | os.PathLike, model: nn.Module, test_x: torch.Tensor,
+                  amp: bool = False, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Pooled test-set features of a finished stage-1 model, plain and mirrored; cached in its run dir.
+
+    With the backbone frozen in eval mode, every test evaluation of a classifier-only stage 2 (and of
+    the post-hoc normalisers) is then one matrix product instead of a pass over 10,000 images.
+    """
+    path = Path(run_dir) / FEATURES_FILE
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location=test_x.device, weights_only=True)
+            if cached["plain"].shape[0] == len(test_x) == cached["mirror"].shape[0]:
+                return cached
+        except Exception:  # a damaged cache is only a cache: compute it again
+            pass
+    was_training = model.training
+    model.eval()
+    plain, mirror = [], []
+    for start in range(0, len(test_x), batch_size):
+        x = normalize(test_x[start : start + batch_size])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            plain.append(model.features(x).float())
+            mirror.append(model.features(torch.flip(x, dims=[3])).float())
+    model.train(was_training)
+    feats = {"plain": torch.cat(plain), "mirror": torch.cat(mirror)}
+    save_torch(path, {k: v.cpu() for k, v in feats.items()})
+    return feats
+
+
+def feature_predictor(model: nn.Module, feats: dict[str, torch.Tensor]) -> Callable[[bool], torch.Tensor]:
+    """predict(flip) -> test logits of model.fc on cached features (flip: mean with the mirror's)."""
+
+    @torch.no_grad()
+    def predict(flip: bool) -> torch.Tensor:
+        logits = model.fc(feats["plain"]).float()
+        return 0.5 * (logits + model.fc(feats["mirror"]).float()) if flip else logits
+
+    return predict
+
+
+def stage1_data_root(run_dir: str | os.PathLike) -> Path:
+    """The data root a stage-1 run trained on, as its config.json recorded it."""
+    runtime = read_json(Path(run_dir) / "config.json").get("runtime", {})
+    for key in ("root_resolved", "root"):
+        if runtime.get(key) and Path(runtime[key]).is_dir():
+            return Path(runtime[key])
+    return Path(runtime.get("root_resolved") or runtime.get("root") or "data")
+
+
 def trainable_layers(model: nn.Module, which: str) -> list[nn.Module]:
     """The layers stage 2 retrains: fc, or (last2) the final conv and fc."""
     return [model.fc] if which == "fc" else [model.last_conv(), model.fc]
@@ -522,7 +579,7 @@ def _stage2_job(cfg: Stage2Config, model: nn.Module, data: LTData,
 def train_stage2(
     cfg: Stage2Config,
     out: str | os.PathLike | None = None,
-    root: str | os.PathLike = "data",
+    root: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     data: LTData | None = None,
     download: bool = False,
@@ -532,7 +589,10 @@ def train_stage2(
     ckpt_every: int = 1,
     stop_after: int | None = None,
 ) -> dict:
-    """Classifier learning (or a post-hoc normaliser) on a stage-1 run; returns its metrics."""
+    """Classifier learning (or a post-hoc normaliser) on a stage-1 run; returns its metrics.
+
+    root=None reads the data from where the stage-1 run found it (its config.json).
+    """
     validate_stage2(cfg)
     if not cfg.from_run:
         raise LtrError("stage 2 needs --from: the directory of a finished stage-1 run")
@@ -545,8 +605,14 @@ def train_stage2(
         return done
     dev, amp = _setup(device, amp, "corrected")
     model, s1 = load_stage1(cfg.from_run, None, dev)
+    if root is None:
+        root = stage1_data_root(cfg.from_run)
     if data is None:
-        data = load_cifar_lt(root, s1.dataset, s1.imbalance, download=download)
+        try:
+            data = load_cifar_lt(root, s1.dataset, s1.imbalance, download=download)
+        except LtrError as exc:
+            raise LtrError(f"{exc} (data root taken from {cfg.from_run}/config.json; pass --root "
+                           "to read it from elsewhere)") from None
     if model.fc.out_features != data.num_classes:
         raise LtrError(
             f"the stage-1 classifier has {model.fc.out_features} classes but the data has "
@@ -564,6 +630,10 @@ def train_stage2(
         test_y = torch.as_tensor(data.test_y, device=dev)
         extra = {"stage": "stage2", "name": out.name, "from_run": str(cfg.from_run), "loss": cfg.loss,
                  "cb_variant": cfg.cb_variant if cfg.loss == "cb" else None}
+        predict = None
+        if cfg.trainable == "fc" and cfg.bn == "eval":
+            # The backbone never changes here, so its test features are computed once per stage-1 run.
+            predict = feature_predictor(model, test_features(cfg.from_run, model, test_x, amp))
         if cfg.posthoc is not None:
             if cfg.posthoc == "l2norm":
                 l2_normalize(model.fc.weight)
@@ -574,9 +644,11 @@ def train_stage2(
                 logit_adjust_bias(model.fc.bias, data.counts, cfg.la_tau)
             save_torch(out / "ckpt.pt", {"model": model.state_dict(), "epoch": 0, "history": []})
             return _finish(out, model, data, test_x, test_y, amp,
-                           {**extra, "epochs": 0, "posthoc": cfg.posthoc, "train_seconds": 0.0})
+                           {**extra, "epochs": 0, "posthoc": cfg.posthoc, "train_seconds": 0.0}, predict)
 
         job, report = _stage2_job(cfg, model, data, dev)
+        # LWS swaps model.fc for a scaled copy: predict through whatever fc is now.
+        job.predict = predict
         t0 = time.perf_counter()
         finished = _fit(
             job, data, test_x, test_y, out, dev, amp, compile, progress,
@@ -588,6 +660,7 @@ def train_stage2(
             out, model, data, test_x, test_y, amp,
             {**extra, "epochs": cfg.epochs, **report(),
              "train_seconds": round(time.perf_counter() - t0, 2)},
+            predict,
         )
 
 

@@ -197,3 +197,53 @@ def test_architecture_mismatch(stage1: Path, small_root: Path, tmp_path: Path) -
     (other / "config.json").write_text(cfg)
     with pytest.raises(LtrError, match="does not match a resnet32"):
         _s2(other, small_root, tmp_path / "o")
+
+
+# ---------------------------------------------------------------- where stage 2 finds its data
+
+
+def test_stage2_reads_the_data_root_its_stage1_run_recorded(stage1: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import json
+    import shutil
+
+    from ltr.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no data/ here: only the stage-1 run's config.json knows the root
+    out = tmp_path / "s2"
+    assert main(["stage2", "--from", str(stage1), "--out", str(out), "--loss", "cb", "--epochs", "3",
+                 "--eval-every", "2", "--device", "cpu", "--quiet"]) == 0
+    history = (out / "history.csv").read_text().splitlines()
+    evaluated = [line.split(",")[4] != "" for line in history[1:]]
+    assert evaluated == [False, True, True]  # --eval-every 2, and always the last epoch
+    # The recorded root gone: one clear error that says where it looked and what to pass.
+    moved = tmp_path / "moved"
+    shutil.copytree(stage1, moved)
+    info = json.loads((moved / "config.json").read_text())
+    info["runtime"].update(root=str(tmp_path / "gone"), root_resolved=str(tmp_path / "gone"))
+    (moved / "config.json").write_text(json.dumps(info))
+    assert main(["stage2", "--from", str(moved), "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "gone" in err and "--root" in err
+
+
+def test_cached_test_features_give_the_full_forward_logits(stage1: Path, small_root: Path,
+                                                           tmp_path: Path) -> None:
+    from ltr.metrics import predict_logits
+    from ltr.train import FEATURES_FILE, feature_predictor, load_stage1, test_features
+
+    metrics = _s2(stage1, small_root, tmp_path / "cb", loss="cb", wd=0.1, maxnorm=0.1)
+    assert (stage1 / FEATURES_FILE).is_file()  # written once, in the stage-1 run directory
+    data = load_cifar_lt(small_root, "cifar10", 10)
+    test_x = torch.as_tensor(data.test_x)
+    model, _ = load_stage1(stage1, 10, "cpu")
+    model.fc.load_state_dict({k[3:]: v for k, v in _state(tmp_path / "cb").items() if k.startswith("fc.")})
+    predict = feature_predictor(model, test_features(stage1, model, test_x))
+    for flip in (False, True):
+        full = predict_logits(model, test_x, flip=flip)
+        assert torch.allclose(predict(flip), full, atol=1e-4, rtol=1e-4)
+    # metrics.json of the run equals an evaluation through the whole network.
+    full_acc = predict_logits(model, test_x, flip=True).argmax(1).eq(torch.as_tensor(data.test_y))
+    assert metrics["flip"]["all"] == pytest.approx(100 * full_acc.double().mean().item(), abs=1e-6)
