@@ -41,3 +41,33 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     write_fake_cifar(root, "cifar100", train_per_class=100, test_per_class=10)
     return root
+
+
+REAL_ARCHIVE_ENV = "LTR_CIFAR100_ARCHIVE"  # the official pickles packed as .tar.xz / .tar.gz (CI sets it)
+REAL_ROOT_ENV = "LTR_CIFAR100_ROOT"  # or a data root that already holds cifar-100-python/
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the real CIFAR-100, unpacked once per session into a temporary folder.
+
+    Skips (with the reason) on a clone without the data: set LTR_CIFAR100_ARCHIVE to
+    cifar-100-python.tar.xz, or LTR_CIFAR100_ROOT to a root holding cifar-100-python/.
+    """
+    import tarfile
+
+    root = os.environ.get(REAL_ROOT_ENV)
+    if root:
+        if not (Path(root) / "cifar-100-python" / "train").is_file():
+            pytest.skip(f"{REAL_ROOT_ENV}={root} holds no cifar-100-python/train")
+        return Path(root)
+    archive = os.environ.get(REAL_ARCHIVE_ENV)
+    if not archive or not Path(archive).is_file():
+        pytest.skip(f"real CIFAR-100 not given: set {REAL_ARCHIVE_ENV} to cifar-100-python.tar.xz "
+                    f"(found: {archive!r}) or {REAL_ROOT_ENV} to a data root")
+    out = tmp_path_factory.mktemp("real")
+    with tarfile.open(archive) as tar:  # compression read from the file
+        tar.extractall(out, filter="data")
+    if not (out / "cifar-100-python" / "train").is_file():
+        pytest.fail(f"{archive} does not unpack to cifar-100-python/train")
+    return out
