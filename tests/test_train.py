@@ -94,7 +94,7 @@ def test_official_schedule_differs_as_spec_says() -> None:
 def test_official_fidelity_recorded(small_root: Path, tmp_path: Path) -> None:
     _run(small_root, tmp_path / "off", fidelity="official", epochs=1)
     cfg = json.loads((tmp_path / "off" / "config.json").read_text())
-    assert cfg["config"]["fidelity"] == "official" and cfg["runtime"]["amp_bf16"] is False
+    assert cfg["config"]["fidelity"] == "official" and cfg["runtime"]["precision"] == "fp32"
 
 
 def test_refuses_other_config_in_out(small_root: Path, tmp_path: Path) -> None:
