@@ -1,4 +1,4 @@
-"""Independent runs of a plan in N worker processes: stage 2 after its stage 1, one bar, first error stops all.
+"""A plan's runs in N worker processes: stage 2 after its stage 1, one bar, first error stops all.
 
 A run is a pure function of its config, so where it trains does not change what it writes: `--jobs 2`
 gives the same run directories as `--jobs 1`. Workers are started with 'spawn' (a fresh interpreter;
@@ -133,7 +133,7 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
             tasks.put(None)
         for w in workers:
             if failed:
-                w.terminate()  # a run's checkpoint and lock are safe to leave: the next run resumes/takes over
+                w.terminate()  # checkpoints are atomic and a dead owner's lock is taken over: reruns resume
             w.join(timeout=None if not failed else 30)
         tasks.cancel_join_thread()
         tasks.close()
