@@ -45,9 +45,14 @@ def gpu_slots(device: torch.device, jobs: int) -> list[str | None]:
     return [ids[i % len(ids)] for i in range(jobs)]
 
 
-def worker_threads(jobs: int) -> int:
-    """CPU threads per worker: the parent's share, so that N workers do not oversubscribe the cores."""
-    return max(1, torch.get_num_threads() // jobs)
+def worker_threads() -> int:
+    """CPU threads per worker: as many as the parent uses.
+
+    On a CPU the bits of a result depend on the thread count (oneDNN splits its reductions by
+    thread), so a worker with a share of the threads would not reproduce the run of one process;
+    N workers share the cores instead (set OMP_WAIT_POLICY=PASSIVE so that waiting threads sleep).
+    """
+    return torch.get_num_threads()
 
 
 def _worker(slot: str | None, threads: int, tasks: Any, results: Any, root: str, dataset: str,
@@ -92,7 +97,7 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
              for i, r in enumerate(runs)}
     workers = [
         ctx.Process(target=_worker, daemon=True,
-                    args=(slot, worker_threads(jobs), tasks, results, str(root), dataset, common))
+                    args=(slot, worker_threads(), tasks, results, str(root), dataset, common))
         for slot in gpu_slots(device, jobs)
     ]
     for w in workers:
