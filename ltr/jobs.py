@@ -139,7 +139,10 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
         for w in workers:
             if failed:
                 w.terminate()  # checkpoints are atomic and a dead owner's lock is taken over: reruns resume
-            w.join(timeout=None if not failed else 30)
+            w.join(timeout=30 if failed else 300)
+            if w.is_alive():  # idle by now (every run reported): never wait on a stuck exit
+                w.kill()
+                w.join()
         tasks.cancel_join_thread()
         tasks.close()
         results.close()
