@@ -7,13 +7,21 @@ batch size, on the same images, in the same process, after warm-up steps, along 
 - ltr: the step of the trainer (`ltr.train`), without its lr scheduler: the training set
   kept whole on the device as uint8 (`ltr.data.DeviceLoader`), random crop + flip +
   normalisation done there, loss statistics accumulated on the device (no host sync in the
-  step loop). On CUDA also bf16 autocast, channels_last and `torch.compile`
-  (CUDA graphs through mode "reduce-overhead" by default; a compile failure falls back to
-  eager and is reported) and the fused SGD kernel.
+  step loop), autocast to the precision under test (fp16 with a GradScaler, as the trainer
+  does). On CUDA also channels_last and the fused SGD kernel. ltr's path is timed once per
+  variant: every precision and `torch.compile` mode asked for (by default on CUDA: fp32, fp16,
+  bf16 where the GPU has it, each eager and compiled; on CPU fp32 eager). A compile failure
+  falls back to eager and is reported. The fastest variant is printed as the recommended
+  trainer flags.
 - reference: the loop most long-tailed-recognition repos copy from the PyTorch tutorials:
   `torch.utils.data.DataLoader` over a Dataset of PIL images with torchvision transforms
   (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize), fp32, no compile,
   `model.to(device)`, `loss.item()` bookkeeping every step.
+
+Estimated MFU (model FLOPs utilisation) = training FLOPs of the timed steps (3 x the forward
+FLOPs that torch.utils.flop_counter counts for one image, times the images) / elapsed time / the
+GPU's dense data-sheet peak for the variant's precision (PEAK_TFLOPS; "n/a" on CPU and for GPUs
+not in the table unless --peak-tflops gives one).
 
 Only full batches are timed on both paths (the last, partial batch of an epoch is skipped), so
 both do the same arithmetic per step. Each timed region is bracketed by
@@ -32,12 +40,11 @@ runs or separate machines.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +63,7 @@ from .data import (
     resolve_device,
 )
 from .models import MODELS, build_model
+from .precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, native_bf16, resolve_precision
 
 # The recipe's step (SPEC 3): lr 0.01, momentum 0.9, weight decay 5e-3 (the WD-tuned row).
 LR = 0.01
@@ -64,17 +72,28 @@ WEIGHT_DECAY = 5e-3
 # Defaults per device: CPU steps are seconds each for resnet34, GPU steps milliseconds.
 DEFAULT_STEPS = {"cpu": 10, "cuda": 200}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 30}
-COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs", "default", "none")
-# Dense bf16 tensor-core peaks (no sparsity) from the vendor data sheets, in FLOP/s. The first
-# entry whose key occurs in torch.cuda.get_device_name() wins, so longer names come first.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12, "H100 PCIe"),
-    ("H100 NVL", 835e12, "H100 NVL"),
-    ("H100", 989e12, "H100 SXM"),
-    ("H200", 989e12, "H200"),
-    ("A100", 312e12, "A100"),
-    ("L40S", 362e12, "L40S"),
-    ("L4", 121e12, "L4"),
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# The modes the trainer's --compile can run (torch.compile's default mode); the others are bench-only.
+TRAINER_COMPILE = {"none": "", "default": " --compile"}
+# Dense (no sparsity) tensor-core peaks from the vendor data sheets, in TFLOP/s, per precision:
+# (name as torch.cuda.get_device_name() spells it, bf16, fp16, fp32). fp32 is the TF32 tensor-core
+# peak where the GPU has TF32 (cuDNN runs fp32 convolutions in TF32 by default), else the CUDA-core
+# fp32 peak (V100, T4). bf16 None: no bf16 arithmetic in hardware. GeForce cards: fp32 accumulate.
+# The first entry whose name occurs in the device name as a whole word wins: longer names first.
+PEAK_TFLOPS: tuple[tuple[str, float | None, float, float], ...] = (
+    ("H100 PCIe", 756.0, 756.0, 378.0),
+    ("H100 NVL", 835.0, 835.0, 417.5),
+    ("H100", 989.4, 989.4, 494.7),
+    ("H200", 989.4, 989.4, 494.7),
+    ("A100", 312.0, 312.0, 156.0),
+    ("L40S", 362.0, 362.0, 183.0),
+    ("L40", 181.0, 181.0, 90.5),
+    ("L4", 121.0, 121.0, 60.0),
+    ("RTX 4090", 165.2, 165.2, 82.6),
+    ("RTX 3090", 71.0, 71.0, 35.6),
+    ("V100-PCIE", None, 112.0, 14.0),
+    ("V100", None, 125.0, 15.7),
+    ("T4", None, 65.0, 8.1),
 )
 
 
@@ -82,51 +101,43 @@ PEAK_BF16_FLOPS = (
 
 
 def estimate_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict:
-    """Forward multiply-accumulates of the conv and linear layers for one input of input_shape.
+    """Forward FLOPs of one input of input_shape, counted by torch.utils.flop_counter.FlopCounterMode.
 
-    Counted with forward hooks on one forward pass in eval mode (no gradient, BN statistics
-    untouched): a Conv2d adds out.numel() * in_channels / groups * kh * kw, a Linear adds
-    out.numel() * in_features. Returns {"macs": ..., "flops": 2 * macs} for the whole input
-    (divide by input_shape[0] for one image). A training step costs about 3x the forward
-    (backward = two products of the same size), which is what `benchmark` uses for MFU.
-    A model built under `torch.device("meta")` is counted without doing the arithmetic.
+    One forward pass in eval mode (no gradient, BN statistics untouched); the counter adds the
+    FLOPs of every matrix product and convolution (2 per multiply-accumulate). Returns
+    {"macs": ..., "flops": ...} for the whole input (divide by input_shape[0] for one image). A
+    training step costs about 3x the forward (the backward pass is two products of the same size),
+    which is what `benchmark` uses for MFU. A model built under `torch.device("meta")` is counted
+    without doing the arithmetic.
     """
-    macs = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(m: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal macs
-        kh, kw = m.kernel_size
-        macs += out.numel() * (m.in_channels // m.groups) * kh * kw
-
-    def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal macs
-        macs += out.numel() * m.in_features
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
     was_training = model.training
     param = next(model.parameters(), None)
     dev = param.device if param is not None else torch.device("cpu")
+    counter = FlopCounterMode(display=False)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(torch.zeros(input_shape, device=dev))
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return {"macs": int(macs), "flops": int(2 * macs)}
+    flops = int(counter.get_total_flops())
+    return {"macs": flops // 2, "flops": flops}
 
 
-def gpu_peak_bf16(name: str) -> tuple[float | None, str]:
-    """Assumed dense bf16 peak FLOP/s of a GPU by its name, and which data-sheet entry it is."""
-    for key, flops, label in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops, f"{label} dense bf16, {flops / 1e12:g} TFLOP/s (data sheet)"
+def gpu_peak(name: str, precision: str) -> tuple[float | None, str]:
+    """Assumed dense peak FLOP/s of a GPU (by its name) in a precision, and which data-sheet entry it is."""
+    import re
+
+    column = {"bf16": 1, "fp16": 2, "fp32": 3}[precision]
+    for entry in PEAK_TFLOPS:
+        if re.search(rf"(^|[\s-]){re.escape(entry[0])}($|[\s-])", name):
+            tflops = entry[column]
+            if tflops is None:
+                return None, f"{entry[0]} has no {precision} arithmetic in hardware (emulated)"
+            kind = "tf32/fp32" if precision == "fp32" else precision
+            return tflops * 1e12, f"{entry[0]} dense {kind}, {tflops:g} TFLOP/s (data sheet)"
     return None, f"unknown peak for {name!r}; pass --peak-tflops"
 
 
@@ -305,17 +316,18 @@ class _Reference(_Path):
 
 
 class _Ltr(_Path):
-    """Device-resident uint8 data, on-device augmentation; on CUDA bf16, channels_last, compile."""
+    """Device-resident uint8 data, on-device augmentation, a precision, compile; on CUDA channels_last."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, model_name: str,
-                 dev: torch.device, batch_size: int, compile_mode: str) -> None:
+                 dev: torch.device, batch_size: int, compile_mode: str, precision: str = "fp32") -> None:
         super().__init__(dev)
         before = _allocated(dev)
         self.loader = DeviceLoader(images, labels, batch_size, dev, seed=0, num_classes=num_classes)
         self.batches = self._full_batches()
         self.num_classes = num_classes
         self.model_name = model_name
-        self.amp = dev.type == "cuda"
+        self.precision = precision
+        self.dtype = autocast_dtype(precision)
         self.compile_error: str | None = None
         self._data_bytes = _allocated(dev) - before
         self._build(compile_mode)
@@ -337,9 +349,10 @@ class _Ltr(_Path):
             model = model.to(memory_format=torch.channels_last)
         model.train()
         params = list(model.parameters())
-        self.settings: dict = {"amp_bf16": self.amp, "channels_last": dev.type == "cuda"}
+        self.settings: dict = {"precision": self.precision, "channels_last": dev.type == "cuda"}
+        self.scaler = grad_scaler(self.precision, dev)
         opt = None
-        if dev.type == "cuda":
+        if dev.type == "cuda" or self.scaler.is_enabled():  # as the trainer: fused also skips inf steps
             try:
                 opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                       fused=True)
@@ -378,11 +391,12 @@ class _Ltr(_Path):
         self.opt.zero_grad(set_to_none=True)
         if self.mark_step is not None:
             self.mark_step()
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.dev.type, self.dtype):
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         # On the device, as the trainer does: reading a number here would stall the GPU.
         self.loss_sum += loss.detach() * len(y)
         self.correct += (logits.detach().argmax(1) == y).sum()
@@ -392,8 +406,7 @@ class _Ltr(_Path):
         """A compiled step failed: record why, rebuild in eager mode, warm up, restart timing."""
         self.compile_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         self.model = self.step_model = self.opt = None  # type: ignore[assignment]
-        with contextlib.suppress(Exception):
-            torch._dynamo.reset()
+        # No torch._dynamo.reset(): it would drop the compiled code of the other variants too.
         _release(self.dev)
         self.seconds, self.done, self.extra_peak = 0.0, 0, 0
         self._build("none")
@@ -436,6 +449,19 @@ def _release(dev: torch.device) -> None:
 # ---------------------------------------------------------------- benchmark
 
 
+def bench_precisions(precision: str | Sequence[str] | None, dev: torch.device) -> list[str]:
+    """The precisions to time: those asked for (auto resolved for dev), else the device's candidates."""
+    if precision is None:
+        if dev.type != "cuda":
+            return ["fp32"]
+        return ["fp32", "fp16"] + (["bf16"] if native_bf16(dev) else [])
+    asked = [precision] if isinstance(precision, str) else list(precision)
+    for p in asked:
+        if p not in PRECISIONS:
+            raise LtrError(f"unknown precision {p!r}; choose from {' | '.join(PRECISIONS)}")
+    return list(dict.fromkeys(resolve_precision(p, dev) for p in asked))
+
+
 def benchmark(
     model: str = "resnet34",
     device: str | torch.device = "auto",
@@ -444,19 +470,25 @@ def benchmark(
     warmup: int | None = None,
     root: str | os.PathLike | None = None,
     workers: int | None = None,
-    compile_mode: str | None = None,
+    compile_mode: str | Sequence[str] | None = None,
     rounds: int | None = None,
     peak_tflops: float | None = None,
+    precision: str | Sequence[str] | None = None,
 ) -> dict:
-    """Time `steps` training steps of ltr's path and of the reference after `warmup` steps each.
+    """Time `steps` training steps of each ltr variant and of the reference after `warmup` steps each.
 
-    The timed steps of each path are split into `rounds` chunks that alternate between the two
-    paths (reference, ltr, reference, ...), so a change in machine load during the run hits
-    both alike (default: 1 round on CUDA; on CPU one step a round). Returns plain JSON types:
-    ltr_img_s, reference_img_s, ratio (= ltr / reference), device, model, batch_size, steps,
-    warmup, ltr_step_ms, reference_step_ms, data, synthetic; on CUDA also ltr_peak_mem_mib,
-    reference_peak_mem_mib, peak_mem_mib (ltr's) and est_mfu (training FLOPs of ltr's timed
-    steps / elapsed / assumed dense bf16 peak of the GPU, named in peak_source).
+    A variant is one precision (fp32 | fp16 | bf16; auto = the trainer's choice for the device) with
+    one compile mode (COMPILE_MODES); by default on CUDA fp32, fp16 and (where native) bf16, each
+    eager and compiled, on CPU fp32 eager. The timed steps of every path are split into `rounds`
+    chunks that alternate between the paths (reference, variant 1, variant 2, ...), so a change in
+    machine load during the run hits all alike (default: 1 round on CUDA; on CPU one step a round).
+
+    Returns plain JSON types: `variants` (per variant: precision, compile_mode, img_s, step_ms,
+    est_mfu, peak_source, train_loss, and on CUDA peak_mem_mib), `recommended` (the fastest
+    variant and the trainer flags that run it), reference_img_s, reference_step_ms, and for the
+    fastest variant the keys of one ltr path: ltr_img_s, ltr_step_ms, ratio (= ltr / reference),
+    ltr_settings, est_mfu (None on CPU); plus device, model, batch_size, steps, warmup, data,
+    synthetic.
     """
     if model not in MODELS:
         raise LtrError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
@@ -469,9 +501,13 @@ def benchmark(
         # On CUDA the reference gets the worker processes LTR repos use, so it is not starved.
         workers = 0 if kind == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2))
     if compile_mode is None:
-        compile_mode = "reduce-overhead" if kind == "cuda" else "none"
-    if compile_mode not in COMPILE_MODES:
-        raise LtrError(f"unknown compile mode {compile_mode!r}; choose one of {list(COMPILE_MODES)}")
+        modes = ["none", "default"] if kind == "cuda" else ["none"]
+    else:
+        modes = [compile_mode] if isinstance(compile_mode, str) else list(dict.fromkeys(compile_mode))
+    for mode in modes:
+        if mode not in COMPILE_MODES:
+            raise LtrError(f"unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    precisions = bench_precisions(precision, dev)
     if steps < 1 or warmup < 0 or batch_size < 1 or workers < 0 or rounds < 1:
         raise LtrError(
             "need --steps >= 1, --warmup >= 0, --batch-size >= 1, --workers >= 0 and rounds >= 1 "
@@ -481,11 +517,12 @@ def benchmark(
     if batch_size > len(labels):
         raise LtrError(f"--batch-size {batch_size} exceeds the {len(labels)} training images")
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
-        macs = estimate_flops(build_model(model, num_classes), (1, 3, 32, 32))["macs"]
+        fwd_flops = estimate_flops(build_model(model, num_classes), (1, 3, 32, 32))["flops"]
 
+    gpu = torch.cuda.get_device_name(dev) if kind == "cuda" else None
     result: dict = {
         "model": model,
-        "device": str(dev) if kind == "cpu" else f"cuda ({torch.cuda.get_device_name(dev)})",
+        "device": str(dev) if kind == "cpu" else f"cuda ({gpu})",
         "batch_size": int(batch_size),
         "steps": steps,
         "warmup": warmup,
@@ -496,23 +533,32 @@ def benchmark(
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "reference_workers": workers,
-        "fwd_gmacs_per_image": round(macs / 1e9, 4),
+        "fwd_gmacs_per_image": round(fwd_flops / 2 / 1e9, 4),
+        "train_gflops_per_image": round(3 * fwd_flops / 1e9, 4),
         "cpu_count": os.cpu_count(),
         "load_avg_before": _load_avg(),
+        "auto_precision": resolve_precision("auto", dev),
     }
+    if kind == "cuda":
+        result["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
     cudnn_before = torch.backends.cudnn.benchmark
-    ref = ltr = None
+    ref = None
+    variants: list[_Ltr] = []
     try:
         if kind == "cuda":
             # Both paths get cuDNN's autotuned kernels (most LTR repos set this flag too).
             torch.backends.cudnn.benchmark = True
         ref = _Reference(images, labels, num_classes, model, dev, batch_size, workers)
         ref.warm(warmup)
-        ltr = _Ltr(images, labels, num_classes, model, dev, batch_size, compile_mode)
-        ltr.warm(warmup)
+        for prec in precisions:
+            for mode in modes:
+                variant = _Ltr(images, labels, num_classes, model, dev, batch_size, mode, prec)
+                variant.warm(warmup)
+                variants.append(variant)
+        paths: list[_Path] = [ref, *variants]
         chunk = -(-steps // rounds)
-        while ref.done < steps or ltr.done < steps:
-            for path in (ref, ltr):
+        while any(path.done < steps for path in paths):
+            for path in paths:
                 n = min(chunk, steps - path.done)
                 if n > 0:
                     path.timed(n)
@@ -522,29 +568,68 @@ def benchmark(
             ref.close()
     result["load_avg_after"] = _load_avg()
     n_img = steps * batch_size
-    result["ltr_settings"] = ltr.settings
-    if ltr.compile_error is not None:
-        result["compile_error"] = ltr.compile_error
-    result["ltr_img_s"] = round(n_img / ltr.seconds, 2)
-    result["reference_img_s"] = round(n_img / ref.seconds, 2)
-    result["ratio"] = round(ref.seconds / ltr.seconds, 4)
-    result["ltr_step_ms"] = round(1000 * ltr.seconds / steps, 3)
-    result["reference_step_ms"] = round(1000 * ref.seconds / steps, 3)
-    result["ltr_train_loss"] = round(float(ltr.loss_sum) / max(ltr.seen, 1), 4)
-    result["reference_train_loss"] = round(ref.running_loss / max(ref.seen, 1), 4)
-    if kind == "cuda":
-        result["ltr_peak_mem_mib"] = ltr.peak_mib
-        result["reference_peak_mem_mib"] = ref.peak_mib
-        result["peak_mem_mib"] = ltr.peak_mib
+    train_flops = 3 * fwd_flops * n_img  # backward ~ 2x forward
+
+    def peak_of(prec: str) -> tuple[float | None, str]:
+        if kind != "cuda":
+            return None, "no peak table for CPUs"
         if peak_tflops is not None:
-            peak, source = peak_tflops * 1e12, f"{peak_tflops:g} TFLOP/s (given by --peak-tflops)"
-        else:
-            peak, source = gpu_peak_bf16(torch.cuda.get_device_name(dev))
-        result["peak_flops_assumed"] = peak
-        result["peak_source"] = source
-        train_flops = 3 * 2 * macs * n_img  # backward ~ 2x forward
-        result["est_mfu"] = round(train_flops / ltr.seconds / peak, 5) if peak else None
-        result["reference_est_mfu"] = round(train_flops / ref.seconds / peak, 5) if peak else None
+            return peak_tflops * 1e12, f"{peak_tflops:g} TFLOP/s (given by --peak-tflops)"
+        return gpu_peak(gpu, prec)
+
+    records = []
+    for v in variants:
+        peak, source = peak_of(v.precision)
+        rec = {
+            "precision": v.precision,
+            "compile_mode": v.settings["compile_mode"],  # what was timed (eager after a compile failure)
+            "img_s": round(n_img / v.seconds, 2),
+            "step_ms": round(1000 * v.seconds / steps, 3),
+            "est_mfu": round(train_flops / v.seconds / peak, 5) if peak else None,
+            "peak_source": source,
+            "train_loss": round(float(v.loss_sum) / max(v.seen, 1), 4),
+            "settings": v.settings,
+        }
+        if v.compile_error is not None:
+            rec["compile_error"] = v.compile_error
+        if kind == "cuda":
+            rec["peak_mem_mib"] = v.peak_mib
+        records.append(rec)
+    result["variants"] = records
+    best_i = max(range(len(records)), key=lambda i: records[i]["img_s"])
+    best, fastest = records[best_i], variants[best_i]
+    # The recommendation is the fastest variant the trainer can run (its --compile is mode default).
+    runnable = [r for r in records if r["compile_mode"] in TRAINER_COMPILE] or [best]
+    pick = max(runnable, key=lambda r: r["img_s"])
+    result["recommended"] = {
+        "precision": pick["precision"],
+        "compile_mode": pick["compile_mode"],
+        "img_s": pick["img_s"],
+        "trainer_flags": f"--precision {pick['precision']}" + TRAINER_COMPILE.get(pick["compile_mode"], ""),
+        "trainer_can_run": pick["compile_mode"] in TRAINER_COMPILE,
+        "fastest_overall": {"precision": best["precision"], "compile_mode": best["compile_mode"],
+                            "img_s": best["img_s"]},
+    }
+    # The fastest variant under the keys of a single ltr path (what earlier versions reported).
+    result["ltr_settings"] = best["settings"]
+    errors = [r["compile_error"] for r in records if "compile_error" in r]
+    if errors:
+        result["compile_error"] = errors[0]
+    result["ltr_img_s"] = best["img_s"]
+    result["reference_img_s"] = round(n_img / ref.seconds, 2)
+    result["ratio"] = round(ref.seconds / fastest.seconds, 4)
+    result["ltr_step_ms"] = best["step_ms"]
+    result["reference_step_ms"] = round(1000 * ref.seconds / steps, 3)
+    result["ltr_train_loss"] = best["train_loss"]
+    result["reference_train_loss"] = round(ref.running_loss / max(ref.seen, 1), 4)
+    result["est_mfu"] = best["est_mfu"]
+    ref_peak, _ = peak_of("fp32")  # the reference trains in fp32
+    result["reference_est_mfu"] = round(train_flops / ref.seconds / ref_peak, 5) if ref_peak else None
+    result["peak_source"] = best["peak_source"]
+    if kind == "cuda":
+        result["ltr_peak_mem_mib"] = best["peak_mem_mib"]
+        result["reference_peak_mem_mib"] = ref.peak_mib
+        result["peak_mem_mib"] = best["peak_mem_mib"]
     return result
 
 
@@ -568,31 +653,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the reference (default: 0 on CPU, "
                              "min(8, cores/2) on CUDA)")
-    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
-                        help="torch.compile mode of ltr's path (default: reduce-overhead on CUDA, "
-                             "none on CPU)")
+    parser.add_argument("--precision", nargs="+", default=None, choices=PRECISIONS,
+                        help="precisions of ltr's path to time (auto = the trainer's choice here; default: "
+                             "fp32, fp16 and, from compute capability 8.0, bf16 on CUDA; fp32 on CPU)")
+    parser.add_argument("--compile-mode", nargs="+", default=None, choices=COMPILE_MODES,
+                        help="torch.compile modes of ltr's path to time (default: none and default on "
+                             "CUDA, none on CPU; the trainer's --compile is mode default)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternating timed chunks per path (default: 1 on CUDA, --steps on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="GPU peak bf16 TFLOP/s for the MFU estimate (default: from the GPU name)")
+                        help="GPU peak TFLOP/s for the MFU estimate, all precisions (default: the data-sheet "
+                             "value of the GPU and precision)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _how(s: dict) -> str:
+    """What differs between variants, in words: precision, compile mode, optimizer kernel."""
+    mode = s.get("compile_mode", "none")
+    return ", ".join([
+        s.get("precision", "fp32") + (" + GradScaler" if s.get("precision") == "fp16" else ""),
+        "eager" if mode == "none" else f"compile {mode}",
+        s.get("optimizer", "SGD"),
+    ])
+
+
+def _common(s: dict) -> str:
+    """What every variant shares, in words."""
+    how = ["data on device as uint8, on-device crop/flip/normalize"]
+    if s.get("channels_last"):
+        how.append("channels_last model")
+    elif s.get("input_channels_last"):
+        how.append("channels_last input (as augment lays it out)")
+    return ", ".join(how)
 
 
 def format_result(r: dict) -> str:
     """The human-readable report of a benchmark result."""
-    s = r.get("ltr_settings", {})
-    ltr_how = ["data on device (uint8, on-device crop/flip/normalize)"]
-    if s.get("amp_bf16"):
-        ltr_how.append("bf16 autocast")
-    if s.get("channels_last"):
-        ltr_how.append("channels_last model")
-    elif s.get("input_channels_last"):
-        ltr_how.append("channels_last input (as augment lays it out)")
-    if s.get("compile_mode", "none") != "none":
-        ltr_how.append(f"torch.compile {s['compile_mode']}")
-    else:
-        ltr_how.append("eager")
-    ltr_how.append(s.get("optimizer", "SGD"))
+
+    def mfu(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
     ref_how = (f"DataLoader + PIL + torchvision transforms, {r['reference_workers']} workers, "
                "fp32, eager, SGD default")
     lines = [
@@ -601,17 +701,36 @@ def format_result(r: dict) -> str:
         f"device {r['device']}, "
         f"{r['threads']} CPU threads, torch {r['torch']}",
         f"  data: {r['data']}",
-        f"  ltr       : {r['ltr_img_s']:10.1f} img/s  {r['ltr_step_ms']:9.2f} ms/step  "
-        f"({', '.join(ltr_how)})",
-        f"  reference : {r['reference_img_s']:10.1f} img/s  {r['reference_step_ms']:9.2f} ms/step  "
-        f"({ref_how})",
+        f"  ltr ({_common(r.get('ltr_settings', {}))}):",
+        f"    {'variant':48s} {'img/s':>10s} {'ms/step':>9s} {'est. MFU':>9s}",
     ]
-    if "compile_error" in r:
-        lines.append(f"  torch.compile failed, ltr path timed in eager mode: {r['compile_error']}")
+    for v in r.get("variants", []):
+        lines.append(f"    {_how(v['settings']):48s} {v['img_s']:10.1f} {v['step_ms']:9.2f} "
+                     f"{mfu(v['est_mfu']):>9s}")
+        if "compile_error" in v:
+            lines.append(f"      torch.compile failed, timed in eager mode: {v['compile_error']}")
+    lines.append(f"  reference : {r['reference_img_s']:10.1f} img/s  {r['reference_step_ms']:9.2f} ms/step  "
+                 f"est. MFU {mfu(r.get('reference_est_mfu'))}  ({ref_how})")
     if "ltr_peak_mem_mib" in r:
-        lines.append(f"  peak GPU memory: ltr {r['ltr_peak_mem_mib']:.0f} MiB, "
+        lines.append(f"  peak GPU memory: fastest ltr variant {r['ltr_peak_mem_mib']:.0f} MiB, "
                      f"reference {r['reference_peak_mem_mib']:.0f} MiB")
-    lines.append(f"  ratio ltr / reference: {r['ratio']:.2f}x (both measured in this one run)")
+    lines.append(f"  ratio ltr / reference: {r['ratio']:.2f}x (fastest variant; both measured in this run)")
+    lines.append(f"  est. MFU = {r['train_gflops_per_image']:.3f} GFLOP/image/step (3 x forward, counted by "
+                 f"FlopCounterMode) x img/s / peak of its precision; fastest's: {r['peak_source']}")
+    rec = r.get("recommended")
+    if rec:
+        line = (f"  recommended for the trainer: {rec['trainer_flags']} (the fastest variant it can run: "
+                f"{rec['precision']}, "
+                f"{'eager' if rec['compile_mode'] == 'none' else 'compile ' + rec['compile_mode']}; "
+                f"--precision auto picks {r['auto_precision']} on this device)")
+        if not rec["trainer_can_run"]:
+            line += (f"; compile mode {rec['compile_mode']} is bench-only, the trainer's --compile runs "
+                     "mode default")
+        top = rec.get("fastest_overall", {})
+        if top and (top["precision"], top["compile_mode"]) != (rec["precision"], rec["compile_mode"]):
+            line += (f"; fastest overall: {top['precision']}, compile {top['compile_mode']} "
+                     f"({top['img_s']:.1f} img/s; a bench-only compile mode)")
+        lines.append(line)
     loads = [v for v in (r.get("load_avg_before"), r.get("load_avg_after")) if v is not None]
     if loads and r.get("cpu_count") and max(loads) > 0.5 * r["cpu_count"] + 1:
         lines.append(
@@ -624,16 +743,6 @@ def format_result(r: dict) -> str:
                 "  note: OpenMP threads spin while they wait, which collapses throughput when "
                 "other processes share the cores; set OMP_WAIT_POLICY=PASSIVE (before Python "
                 "starts) or use fewer threads"
-            )
-    if "est_mfu" in r:
-        flops = 6 * r["fwd_gmacs_per_image"]
-        if r["est_mfu"] is None:
-            lines.append(f"  est. MFU: n/a ({r['peak_source']})")
-        else:
-            lines.append(
-                f"  est. MFU: ltr {100 * r['est_mfu']:.1f}%, reference "
-                f"{100 * r['reference_est_mfu']:.1f}% ({flops:.2f} GFLOP/image/step = 3 x 2 x "
-                f"{r['fwd_gmacs_per_image']:.3f} GMAC forward; assumed peak {r['peak_source']})"
             )
     return "\n".join(lines)
 
@@ -652,6 +761,7 @@ def run_cli(args: argparse.Namespace) -> int:
             compile_mode=getattr(args, "compile_mode", None),
             rounds=getattr(args, "rounds", None),
             peak_tflops=getattr(args, "peak_tflops", None),
+            precision=getattr(args, "precision", None),
         )
     except LtrError as exc:
         print(f"ltr bench: error: {exc}", file=sys.stderr)

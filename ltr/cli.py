@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
+from .precision import PRECISIONS
 
 PRESET_NAMES = " | ".join(PRESETS)
 
@@ -19,10 +20,18 @@ def _add_runtime(p: argparse.ArgumentParser, root: str | None = "data", root_not
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    _add_precision(p)
     p.add_argument("--preset", default="paper", help=f"{PRESET_NAMES} (explicit flags override it)")
     p.add_argument("--out", default=None, help="run directory (default: derived from the config)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): bf16 on GPUs with bf16 arithmetic (compute capability >= 8.0: "
+                        "A100, H100, RTX 30xx and later), fp16 + GradScaler on older ones (T4, V100), fp32 "
+                        "on CPU and with --fidelity official")
 
 
 def _add_general(p: argparse.ArgumentParser, epochs: str, batch: str, lr: str, every: str) -> None:
@@ -44,6 +53,10 @@ def _add_plan(p: argparse.ArgumentParser, name: str, out_note: str) -> None:
     p.add_argument("--download", action="store_true", help="fetch CIFAR-100 if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
+    _add_precision(p)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own worker process (default: 1); several "
+                        "visible GPUs: one each, one GPU: they share it")
     p.add_argument("--allow-cpu", action="store_true", help="run the paper preset without a GPU")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -188,7 +201,7 @@ def _report(metrics: dict, out: Path, as_json: bool) -> None:
 def _stage(args: argparse.Namespace, stage: str) -> int:
     from . import train
 
-    skip = {"command", "root", "download", "device", "compile", "preset", "out", "json", "quiet"}
+    skip = {"command", "root", "download", "device", "compile", "precision", "preset", "out", "json", "quiet"}
     fields = {k: v for k, v in vars(args).items() if k not in skip}
     if stage == "stage1" and fields.get("imbalance") is not None:
         fields["imbalance"] = check_imbalance(fields["imbalance"])
@@ -201,7 +214,7 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
             fields["sampling"] = "balanced"  # Kang et al. learn the scales on class-balanced batches
     cfg = train.preset_config(stage, args.preset, **fields)
     common = dict(root=args.root, device=args.device, download=args.download,
-                  compile=args.compile, progress=not args.quiet)
+                  compile=args.compile, precision=args.precision, progress=not args.quiet)
     if stage == "stage1":
         out = Path(args.out) if args.out else Path("exp/stage1") / train.run_name(cfg)
         metrics = train.train_stage1(cfg, out, **common)
@@ -230,7 +243,8 @@ def _plan_out(args: argparse.Namespace, name: str) -> Path:
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(root=args.root, preset=args.preset, seeds=args.seeds, device=args.device,
                 download=args.download, compile=args.compile, progress=not args.quiet,
-                allow_cpu=args.allow_cpu, figures=not args.no_figures)
+                allow_cpu=args.allow_cpu, figures=not args.no_figures, precision=args.precision,
+                jobs=args.jobs)
 
 
 def _print_plan(out: Path, table: str, files: dict[str, Path]) -> int:

@@ -184,8 +184,10 @@ def run_compare(
     allow_cpu: bool = False,
     figures: bool = True,
     rows: tuple[Row, ...] = COMPARE_ROWS,
+    precision: str = "auto",
+    jobs: int = 1,
 ) -> dict[str, Path]:
     """Plan, run (finished runs skipped, unfinished resumed) and tabulate the comparison; returns files."""
     where, seeds, _ = run_plan(rows, root, out, preset, seeds, [IMBALANCE], DATASET, device, download,
-                               compile, progress, allow_cpu, desc="compare")
+                               compile, progress, allow_cpu, desc="compare", precision=precision, jobs=jobs)
     return write_compare(rows, Path(out), where, seeds, preset, figures=figures)

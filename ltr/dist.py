@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: one process a device, the global batch split across them."""
+"""Data-parallel training under torchrun: one process a device, the global batch split across them, DDP."""
 
 from __future__ import annotations
 
@@ -41,19 +41,25 @@ def check_batch(batch_size: int) -> None:
         raise LtrError(f"batch size {batch_size} does not split over {n} processes; use a multiple of {n}")
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of every rank's gradient, in one collective over a flat buffer (no host sync)."""
-    n = world()[1]
-    grads = [p.grad for p in params if p.grad is not None]
-    if n == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= n
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """module wrapped in DistributedDataParallel under torchrun; the module itself in one process.
+
+    DDP buckets the gradients and all-reduces each bucket (a mean over the ranks) as soon as the
+    backward pass has produced it, overlapping communication with the rest of the backward pass.
+    """
+    if world()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[device] if device.type == "cuda" else None,
+        # Gradients live in the communication buckets: no copy between them and .grad.
+        gradient_as_bucket_view=True,
+        # Every rank computes the same BN statistics (SyncBatchNorm on CUDA) or keeps its own (gloo);
+        # re-broadcasting rank 0's buffers before every forward would only add a collective.
+        broadcast_buffers=False,
+    )
 
 
 def sum_across(*tensors: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .data import class_groups, normalize
+from .precision import autocast
 
 
 @torch.no_grad()
@@ -16,15 +17,22 @@ def predict_logits(
     images: torch.Tensor,
     batch_size: int = 1024,
     flip: bool = False,
+    dtype: torch.dtype | None = None,
     amp: bool = False,
 ) -> torch.Tensor:
-    """Float32 logits for uint8 images on the model's device; flip=True averages with the mirror."""
+    """Float32 logits for uint8 images on the model's device; flip=True averages with the mirror.
+
+    dtype: autocast dtype (torch.bfloat16 / torch.float16), None for fp32; amp=True is the older
+    spelling of dtype=torch.bfloat16.
+    """
+    if dtype is None and amp:
+        dtype = torch.bfloat16
     was_training = model.training
     model.eval()
     outs = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(x.device.type, dtype):
             logits = model(x).float()
             if flip:
                 logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
@@ -73,14 +81,16 @@ def evaluate(
     heldout_idx: torch.Tensor | None = None,
     amp: bool = False,
     predict: Callable[[bool], torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """What metrics.json records, plain and flip-averaged, on the full test set and its halves.
 
-    predict(flip) gives the test logits when they can be had without a pass over the images.
+    predict(flip) gives the test logits when they can be had without a pass over the images; dtype is
+    the autocast dtype of that pass (None = fp32; amp=True is the older spelling of bf16).
     """
     if predict is None:
         def predict(flip: bool) -> torch.Tensor:
-            return predict_logits(model, test_x, flip=flip, amp=amp)
+            return predict_logits(model, test_x, flip=flip, dtype=dtype, amp=amp)
 
     plain = predict(False)
     flipped = predict(True)

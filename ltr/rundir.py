@@ -123,11 +123,15 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def runtime_info(device: torch.device, amp: bool, compile: bool, root: str) -> dict:
+def runtime_info(device: torch.device, precision: str, compile: bool, root: str) -> dict:
+    """The runtime section of config.json: device, precision, versions, where the data was."""
     return {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "amp_bf16": amp,
+        # What --precision auto decides by: bf16 from compute capability 8.0, fp16 below it.
+        "gpu_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
+                           if device.type == "cuda" else None),
+        "precision": precision,  # what the run trains in: bf16 | fp16 (with a GradScaler) | fp32
         "compile": compile,
         "root": str(root),
         # Where the data was, whatever the working directory: stage 2 finds it from here.

@@ -14,6 +14,8 @@ import pandas as pd
 
 from .config import PRESETS, Stage1Config, preset_config, run_name, stage2_name
 from .data import LtrError, load_cifar_lt, resolve_device
+from .jobs import check_jobs, run_parallel
+from .precision import check_precision
 from .rundir import read_json, write_atomic, write_json
 from .train import stage2_from, train_stage1, train_stage2
 
@@ -160,8 +162,14 @@ def run_plan(
     progress: bool = True,
     allow_cpu: bool = False,
     desc: str = "table",
+    precision: str = "auto",
+    jobs: int = 1,
 ) -> tuple[dict[tuple[str, float, int], Path], list[int], list[float]]:
-    """Run every run the rows need (finished ones skipped, unfinished resumed); (row, IF, seed) -> dir."""
+    """Run every run the rows need (finished ones skipped, unfinished resumed); (row, IF, seed) -> dir.
+
+    jobs > 1 trains independent runs at once in that many worker processes (ltr.jobs); the run
+    directories are the same as with jobs=1.
+    """
     from tqdm.auto import tqdm
 
     seeds = [int(s) for s in seeds]
@@ -170,6 +178,8 @@ def run_plan(
     if preset not in PRESETS:
         raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     imbalances = [float(i) for i in imbalances]
+    check_precision(precision)
+    check_jobs(jobs)
     dev = resolve_device(device)
     if preset == "paper" and dev.type != "cuda" and not allow_cpu:
         kinds = len({r.stage1 for r in rows})
@@ -183,17 +193,20 @@ def run_plan(
     data = {imb: load_cifar_lt(root, dataset, imb, download=download) for imb in imbalances}
     _claim_out(out, preset, dataset)
     runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
-    common = dict(root=root, device=dev, compile=compile, progress=progress,
+    common = dict(root=root, device=str(dev), compile=compile, precision=precision,
                   ckpt_every=1 if dev.type == "cpu" else 10)
     bar = tqdm(total=len(runs), desc=f"{desc} ({preset})", unit="run", disable=not progress)
-    for run in runs:
-        bar.set_postfix_str(f"{run.stage} {run.out.name}")
-        if run.stage == "stage1":
-            train_stage1(run.config, run.out, data=data[run.imbalance], **common)
+    try:
+        if jobs > 1:
+            run_parallel(runs, jobs, dev, root, dataset, common, bar)
         else:
-            train_stage2(run.config, run.out, data=data[run.imbalance], **common)
-        bar.update(1)
-    bar.close()
+            for run in runs:
+                bar.set_postfix_str(f"{run.stage} {run.out.name}")
+                train = train_stage1 if run.stage == "stage1" else train_stage2
+                train(run.config, run.out, data=data[run.imbalance], progress=progress, **common)
+                bar.update(1)
+    finally:
+        bar.close()
     return where, seeds, imbalances
 
 
@@ -211,10 +224,13 @@ def run_table(
     progress: bool = True,
     allow_cpu: bool = False,
     figures: bool = True,
+    precision: str = "auto",
+    jobs: int = 1,
 ) -> dict[str, Path]:
     """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files."""
     where, seeds, imbalances = run_plan(
         rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress, allow_cpu,
+        precision=precision, jobs=jobs,
     )
     return write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures)
 

@@ -30,7 +30,8 @@ from .losses import class_balanced_weights, make_loss
 from .methods import (
     AUX_PREFIX,
     BALANCED_SEED_OFFSET,
-    StepFn,
+    Step,
+    StepModule,
     add_aux_heads,
     aux_balanced_step,
     cosine_step,
@@ -38,6 +39,7 @@ from .methods import (
 )
 from .metrics import evaluate, per_class_accuracy, predict_logits, weight_norms
 from .models import build_model
+from .precision import autocast, autocast_dtype, check_precision, grad_scaler, resolve_precision
 from .regularizers import (
     ScaledLinear,
     l2_normalize,
@@ -81,7 +83,7 @@ class _Job:
     model: nn.Module  # the full model (evaluated as a whole)
     params: list[nn.Parameter]  # what the optimizer updates
     loaders: list[DeviceLoader]  # batch sources, one batch each per step; equal lengths
-    step: StepFn  # forward pass and loss of one step
+    step: Step  # inputs, forward pass and loss of one step
     epochs: int  # passes over the loaders
     lr: float  # peak learning rate
     momentum: float  # SGD momentum
@@ -103,7 +105,7 @@ def _fit(
     test_y: torch.Tensor,
     out: Path,
     device: torch.device,
-    amp: bool,
+    precision: str,
     compile: bool,
     progress: bool,
     desc: str,
@@ -114,14 +116,11 @@ def _fit(
     from tqdm.auto import tqdm
 
     model = job.model
-    opt = torch.optim.SGD(
-        job.params,
-        lr=job.lr,
-        momentum=job.momentum,
-        weight_decay=job.wd,
-        # One fused kernel for the whole update on CUDA: at batch 64 launches, not FLOPs, dominate.
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
+    scaler = grad_scaler(precision, device)
+    # One fused kernel for the whole update on CUDA: at batch 64 launches, not FLOPs, dominate. With the
+    # fp16 scaler the fused kernel also skips a step with inf/NaN gradients on the device, where the
+    # unfused path would read found_inf on the host every step.
+    opt = _sgd(job, fused=device.type == "cuda" or scaler.is_enabled())
     spe = len(job.loaders[0])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, spe, job.epochs, job.fidelity)
@@ -138,8 +137,13 @@ def _fit(
                 f"{ckpt_path} does not fit this run's model ({str(exc).splitlines()[0]}); "
                 "delete it to retrain"
             ) from None
+        kernel = {k: opt.param_groups[0].get(k) for k in ("fused", "foreach")}
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the kernel is this run's choice, not the checkpoint's
+            group.update(kernel)
         sched.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         # Every loader's RNG state: each one's batch order (and augmentation) goes on where it stopped.
         rngs = ckpt.get("loader_rngs") or [ckpt["loader_rng"]]
         if len(rngs) != len(job.loaders):
@@ -149,7 +153,14 @@ def _fit(
             loader.load_state_dict({"generator": state.cpu()})
         history = list(ckpt.get("history", []))
         start = int(ckpt["epoch"])
-    step_model = torch.compile(model) if compile else model
+    # The step's forward pass as one module call: DistributedDataParallel (under torchrun) all-reduces
+    # each gradient bucket while the backward pass is still running.
+    runner = dist.data_parallel(StepModule(model, job.step.forward), device)
+    # Compiled for the full batch only (dynamic=False: one static graph, captured once). The last,
+    # smaller batch of an epoch runs through the same module uncompiled: one eager step an epoch, the
+    # same batches and arithmetic as eager training, and no recompile or re-capture for its shape.
+    compiled = torch.compile(runner, dynamic=False) if compile else runner
+    full_batch = job.loaders[0].batch_size // dist.world()[1]  # what each process's shard holds
 
     def save(epoch: int) -> None:
         if not dist.is_main():
@@ -161,6 +172,7 @@ def _fit(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "loader_rngs": [loader.state_dict()["generator"] for loader in job.loaders],
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "epoch": epoch,
                 "history": history,
             },
@@ -168,7 +180,8 @@ def _fit(
         write_history(out / "history.csv", history)
 
     class_norms = job.class_norms or (lambda: weight_norms(model))
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+    dtype = autocast_dtype(precision)
+    step_autocast = functools.partial(autocast, device.type, dtype)
     bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not (progress and dist.is_main()),
                unit="ep")
     for epoch in range(start, job.epochs):
@@ -181,10 +194,15 @@ def _fit(
         seen = torch.zeros((), device=device, dtype=torch.long)
         for batches in zip(*job.loaders, strict=True):
             opt.zero_grad(set_to_none=True)
-            loss, logits, y = job.step(step_model, batches, autocast)
-            loss.backward()
-            dist.average_gradients(job.params)  # no-op in a single process
-            opt.step()
+            images = job.step.inputs(batches)
+            run = compiled if all(len(x) == full_batch for x in images) else runner
+            with step_autocast():
+                outputs = run(*images)
+            loss, logits, y = job.step.loss(model, outputs, batches)
+            # Without fp16 the scaler is off: scale() returns the loss, step() is opt.step().
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             if job.after_step is not None:
                 job.after_step()
@@ -213,7 +231,7 @@ def _fit(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.epochs:
-            logits = job.predict(False) if job.predict else predict_logits(model, test_x, amp=amp)
+            logits = job.predict(False) if job.predict else predict_logits(model, test_x, dtype=dtype)
             preds = logits.argmax(1)
             row["test_acc"] = round(
                 float(per_class_accuracy(preds, test_y, data.num_classes).nanmean()), 4
@@ -241,7 +259,7 @@ def _finish(
     data: LTData,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    amp: bool,
+    precision: str,
     extra: dict,
     predict: Callable[[bool], torch.Tensor] | None = None,
 ) -> dict:
@@ -254,10 +272,11 @@ def _finish(
         data.counts,
         torch.as_tensor(data.val_idx, device=dev),
         torch.as_tensor(data.heldout_idx, device=dev),
-        amp=amp,
+        dtype=autocast_dtype(precision),
         predict=predict,
     )
     metrics.update(extra)
+    metrics["precision"] = precision
     # Figures and tables label runs on synthetic files, so they cannot pass for paper results.
     metrics["synthetic_data"] = data.synthetic
     if dist.is_main():
@@ -265,13 +284,14 @@ def _finish(
     return metrics
 
 
-def _setup(device: str | torch.device, amp: bool | None, fidelity: str) -> tuple[torch.device, bool]:
-    dev = resolve_device(device)
-    if amp is None:
-        amp = dev.type == "cuda"
-    if fidelity == "official":
-        amp = False  # the official code trains in fp32
-    return dev, bool(amp and dev.type == "cuda")
+def _sgd(job: _Job, fused: bool) -> torch.optim.SGD:
+    kwargs = dict(lr=job.lr, momentum=job.momentum, weight_decay=job.wd)
+    if fused:
+        try:
+            return torch.optim.SGD(job.params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # an older torch without this device's fused kernel
+            pass
+    return torch.optim.SGD(job.params, **kwargs)
 
 
 def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -301,20 +321,25 @@ def train_stage1(
     data: LTData | None = None,
     download: bool = False,
     compile: bool = False,
-    amp: bool | None = None,
+    precision: str = "auto",
     progress: bool = True,
     ckpt_every: int = 1,
     stop_after: int | None = None,
 ) -> dict:
-    """Feature learning: train (or resume, or reuse) a stage-1 run and return its metrics."""
+    """Feature learning: train (or resume, or reuse) a stage-1 run and return its metrics.
+
+    precision: auto (bf16 on GPUs with native bf16, fp16 with a GradScaler on older GPUs, fp32 on CPU and
+    with fidelity "official") | bf16 | fp16 | fp32; the choice is recorded in config.json.
+    """
     validate_stage1(cfg)
     out = Path(out) if out is not None else Path("exp/stage1") / run_name(cfg)
     config = asdict(cfg)
     done = _claim(out, "stage1", config)
     if done is not None:
         return done
-    dev, amp = _setup(device, amp, cfg.fidelity)
-    dev = dist.init(dev)
+    check_precision(precision)
+    dev = dist.init(resolve_device(device))
+    asked, precision = precision, resolve_precision(precision, dev, cfg.fidelity)
     dist.check_batch(cfg.batch_size)
     rank, world = dist.world()
     if data is None:
@@ -324,7 +349,8 @@ def train_stage1(
         out.mkdir(parents=True, exist_ok=True)
     with RunLock(out) if main else contextlib.nullcontext():
         if main and not (out / "config.json").exists():
-            runtime = {**runtime_info(dev, amp, compile, str(root)), "processes": world}
+            runtime = {**runtime_info(dev, precision, compile, str(root)), "precision_asked": asked,
+                       "processes": world}
             write_json(out / "config.json", {"stage": "stage1", "config": config, "runtime": runtime})
         dist.barrier()
         torch.manual_seed(cfg.seed)
@@ -364,13 +390,13 @@ def train_stage1(
         )
         t0 = time.perf_counter()
         finished = _fit(
-            job, data, test_x, test_y, out, dev, amp, compile, progress,
+            job, data, test_x, test_y, out, dev, precision, compile, progress,
             f"stage1 {out.name}", ckpt_every, stop_after,
         )
         if not finished:
             return {"finished": False, "epoch": stop_after}
         return _finish(
-            out, model, data, test_x, test_y, amp,
+            out, model, data, test_x, test_y, precision,
             {"stage": "stage1", "name": out.name, "epochs": cfg.epochs, "method": cfg.method,
              "train_seconds": round(time.perf_counter() - t0, 2)},
         )
@@ -424,18 +450,21 @@ FEATURES_FILE = "test_features.pt"
 
 @torch.no_grad()
 def test_features(run_dir: str | os.PathLike, model: nn.Module, test_x: torch.Tensor,
-                  amp: bool = False, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+                  precision: str = "fp32", batch_size: int = 1024) -> dict[str, torch.Tensor]:
     """Pooled test-set features of a finished stage-1 model, plain and mirrored; cached in its run dir.
 
     With the backbone frozen in eval mode, every test evaluation of a classifier-only stage 2 (and of
-    the post-hoc normalisers) is then one matrix product instead of a pass over 10,000 images.
+    the post-hoc normalisers) is then one matrix product instead of a pass over 10,000 images. The cache
+    records the precision it was computed in; another precision computes (and caches) them again.
+    Concurrent writers (parallel stage-2 runs) are safe: the file is replaced atomically.
     """
     path = Path(run_dir) / FEATURES_FILE
     if path.exists():
         try:
             cached = torch.load(path, map_location=test_x.device, weights_only=True)
-            if cached["plain"].shape[0] == len(test_x) == cached["mirror"].shape[0]:
-                return cached
+            if (cached.get("precision", "fp32") == precision
+                    and cached["plain"].shape[0] == len(test_x) == cached["mirror"].shape[0]):
+                return {k: cached[k] for k in ("plain", "mirror")}
         except Exception:  # a damaged cache is only a cache: compute it again
             pass
     was_training = model.training
@@ -443,12 +472,12 @@ def test_features(run_dir: str | os.PathLike, model: nn.Module, test_x: torch.Te
     plain, mirror = [], []
     for start in range(0, len(test_x), batch_size):
         x = normalize(test_x[start : start + batch_size])
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(x.device.type, autocast_dtype(precision)):
             plain.append(model.features(x).float())
             mirror.append(model.features(torch.flip(x, dims=[3])).float())
     model.train(was_training)
     feats = {"plain": torch.cat(plain), "mirror": torch.cat(mirror)}
-    save_torch(path, {k: v.cpu() for k, v in feats.items()})
+    save_torch(path, {**{k: v.cpu() for k, v in feats.items()}, "precision": precision})
     return feats
 
 
@@ -584,14 +613,15 @@ def train_stage2(
     data: LTData | None = None,
     download: bool = False,
     compile: bool = False,
-    amp: bool | None = None,
+    precision: str = "auto",
     progress: bool = True,
     ckpt_every: int = 1,
     stop_after: int | None = None,
 ) -> dict:
     """Classifier learning (or a post-hoc normaliser) on a stage-1 run; returns its metrics.
 
-    root=None reads the data from where the stage-1 run found it (its config.json).
+    root=None reads the data from where the stage-1 run found it (its config.json). precision as in
+    train_stage1 (auto: bf16 / fp16 by GPU, fp32 on CPU).
     """
     validate_stage2(cfg)
     if not cfg.from_run:
@@ -603,7 +633,9 @@ def train_stage2(
     done = _claim(out, "stage2", config)
     if done is not None:
         return done
-    dev, amp = _setup(device, amp, "corrected")
+    check_precision(precision)
+    dev = resolve_device(device)
+    asked, precision = precision, resolve_precision(precision, dev)
     model, s1 = load_stage1(cfg.from_run, None, dev)
     if root is None:
         root = stage1_data_root(cfg.from_run)
@@ -624,7 +656,7 @@ def train_stage2(
             write_json(
                 out / "config.json",
                 {"stage": "stage2", "config": config, "stage1": asdict(s1),
-                 "runtime": runtime_info(dev, amp, compile, str(root))},
+                 "runtime": {**runtime_info(dev, precision, compile, str(root)), "precision_asked": asked}},
             )
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
@@ -633,7 +665,7 @@ def train_stage2(
         predict = None
         if cfg.trainable == "fc" and cfg.bn == "eval":
             # The backbone never changes here, so its test features are computed once per stage-1 run.
-            predict = feature_predictor(model, test_features(cfg.from_run, model, test_x, amp))
+            predict = feature_predictor(model, test_features(cfg.from_run, model, test_x, precision))
         if cfg.posthoc is not None:
             if cfg.posthoc == "l2norm":
                 l2_normalize(model.fc.weight)
@@ -643,7 +675,7 @@ def train_stage2(
                 # In the bias, so that every evaluation (plain, flip, marginal likelihood) sees it.
                 logit_adjust_bias(model.fc.bias, data.counts, cfg.la_tau)
             save_torch(out / "ckpt.pt", {"model": model.state_dict(), "epoch": 0, "history": []})
-            return _finish(out, model, data, test_x, test_y, amp,
+            return _finish(out, model, data, test_x, test_y, precision,
                            {**extra, "epochs": 0, "posthoc": cfg.posthoc, "train_seconds": 0.0}, predict)
 
         job, report = _stage2_job(cfg, model, data, dev)
@@ -651,13 +683,13 @@ def train_stage2(
         job.predict = predict
         t0 = time.perf_counter()
         finished = _fit(
-            job, data, test_x, test_y, out, dev, amp, compile, progress,
+            job, data, test_x, test_y, out, dev, precision, compile, progress,
             f"stage2 {out.name}", ckpt_every, stop_after,
         )
         if not finished:
             return {"finished": False, "epoch": stop_after}
         return _finish(
-            out, model, data, test_x, test_y, amp,
+            out, model, data, test_x, test_y, precision,
             {**extra, "epochs": cfg.epochs, **report(),
              "train_seconds": round(time.perf_counter() - t0, 2)},
             predict,

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ltr.bench import add_arguments, benchmark, estimate_flops, format_result, run_cli
+from ltr.bench import add_arguments, benchmark, estimate_flops, format_result, gpu_peak, run_cli
+from ltr.data import LtrError
 from ltr.models import build_model
 
 
@@ -47,13 +48,61 @@ def test_benchmark_keys_types_and_positivity(result: dict) -> None:
         "resnet8", 16, 3, 1)
     assert result["synthetic"] is True and result["data"].startswith("synthetic data")
     assert result["ltr_settings"]["compile_mode"] == "none"
-    assert "est_mfu" not in result  # CUDA only
+    assert result["est_mfu"] is None and result["reference_est_mfu"] is None  # no CPU peak table
+    [variant] = result["variants"]  # CPU default: fp32 eager
+    assert (variant["precision"], variant["compile_mode"], variant["est_mfu"]) == ("fp32", "none", None)
+    assert result["recommended"]["trainer_flags"] == "--precision fp32"
+    assert result["auto_precision"] == "fp32"
     json.dumps(result)  # plain JSON types only
 
 
 def test_text_report(result: dict) -> None:
     text = format_result(result)
     assert "img/s" in text and "ratio ltr / reference" in text and "synthetic data" in text
+    assert "est. MFU" in text and "n/a" in text  # no peak known for a CPU
+    assert "recommended for the trainer: --precision fp32" in text
+
+
+def test_every_precision_and_compile_mode_is_a_variant(monkeypatch: pytest.MonkeyPatch,
+                                                      one_thread: None) -> None:
+    compiled = []
+
+    def eager_compile(model, **kwargs):  # counts the compiles, runs eagerly (no C++ toolchain needed)
+        compiled.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    r = benchmark(model="resnet8", device="cpu", steps=2, warmup=1, batch_size=8,
+                  precision=["fp32", "fp16", "auto"], compile_mode=["none", "default"])
+    got = [(v["precision"], v["compile_mode"]) for v in r["variants"]]
+    # auto is fp32 on a CPU: listed once.
+    assert got == [("fp32", "none"), ("fp32", "default"), ("fp16", "none"), ("fp16", "default")]
+    assert compiled == [{"dynamic": False}, {"dynamic": False}]
+    assert all(v["img_s"] > 0 and v["step_ms"] > 0 and v["est_mfu"] is None for v in r["variants"])
+    assert r["variants"][2]["settings"]["optimizer"] == "SGD fused"  # fp16: the scaler's fused step
+    fastest = max(r["variants"], key=lambda v: v["img_s"])
+    rec = r["recommended"]
+    assert (rec["precision"], rec["compile_mode"]) == (fastest["precision"], fastest["compile_mode"])
+    assert rec["trainer_flags"].startswith(f"--precision {fastest['precision']}")
+    assert rec["trainer_flags"].endswith("--compile") == (fastest["compile_mode"] == "default")
+    assert r["ltr_img_s"] == fastest["img_s"]
+    with pytest.raises(LtrError, match="unknown precision"):
+        benchmark(model="resnet8", device="cpu", steps=1, precision="fp8")
+
+
+def test_gpu_peaks_by_name_and_precision() -> None:
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
+    assert gpu_peak("NVIDIA H100 PCIe", "fp16")[0] == pytest.approx(756e12)
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "fp32")[0] == pytest.approx(156e12)  # TF32
+    assert gpu_peak("NVIDIA L4", "bf16")[0] == pytest.approx(121e12)
+    assert gpu_peak("NVIDIA L40S", "bf16")[0] == pytest.approx(362e12)
+    assert gpu_peak("Tesla T4", "fp16")[0] == pytest.approx(65e12)
+    peak, why = gpu_peak("Tesla T4", "bf16")
+    assert peak is None and "no bf16" in why  # emulated: no MFU against a peak it does not have
+    assert gpu_peak("Tesla V100-PCIE-32GB", "fp16")[0] == pytest.approx(112e12)
+    assert gpu_peak("Tesla V100-SXM2-16GB", "fp16")[0] == pytest.approx(125e12)
+    peak, why = gpu_peak("Some Future GPU", "bf16")
+    assert peak is None and "--peak-tflops" in why
 
 
 def test_cli_json_output(capsys: pytest.CaptureFixture[str], tmp_path, one_thread: None) -> None:
@@ -80,8 +129,9 @@ def test_estimate_flops_resnet34_cifar() -> None:
     with torch.device("meta"):  # shapes only, no arithmetic
         model = build_model("resnet34", 100)
     est = estimate_flops(model, (1, 3, 32, 32))
-    # Measured 1,159,448,576 MACs: the 1.16 GMACs of a CIFAR-stem ResNet-34 forward.
-    assert est["macs"] == pytest.approx(1.16e9, rel=0.01)
+    # Measured 1,159,448,576 MACs (FlopCounterMode; forward hooks on the convs and fc count the same):
+    # the 1.16 GMACs of a CIFAR-stem ResNet-34 forward.
+    assert est["macs"] == 1_159_448_576
     assert est["flops"] == 2 * est["macs"]
     assert model.training  # the mode is restored
     assert estimate_flops(model, (2, 3, 32, 32))["macs"] == 2 * est["macs"]
@@ -111,5 +161,6 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, on
     assert calls == [{"dynamic": False, "mode": "reduce-overhead"}]
     assert r["compile_error"] == "RuntimeError: inductor exploded"
     assert r["ltr_settings"]["compile_mode"] == "none"  # what was actually timed
+    assert r["variants"][0]["compile_error"] == r["compile_error"]
     assert r["ltr_img_s"] > 0
     assert "torch.compile failed" in format_result(r)

@@ -94,7 +94,7 @@ def test_official_schedule_differs_as_spec_says() -> None:
 def test_official_fidelity_recorded(small_root: Path, tmp_path: Path) -> None:
     _run(small_root, tmp_path / "off", fidelity="official", epochs=1)
     cfg = json.loads((tmp_path / "off" / "config.json").read_text())
-    assert cfg["config"]["fidelity"] == "official" and cfg["runtime"]["amp_bf16"] is False
+    assert cfg["config"]["fidelity"] == "official" and cfg["runtime"]["precision"] == "fp32"
 
 
 def test_refuses_other_config_in_out(small_root: Path, tmp_path: Path) -> None:
@@ -161,3 +161,27 @@ def test_data_passed_in_is_used(small_root: Path, tmp_path: Path) -> None:
     cfg = Stage1Config(**{**TINY, "epochs": 1})
     m = train_stage1(cfg, tmp_path / "d", root="/nonexistent", data=data, device="cpu", progress=False)
     assert m["counts"] == data.counts
+
+
+def test_compiled_training_compiles_once_over_three_epochs(small_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last, smaller batch of each epoch runs uncompiled: one graph for all 3 epochs, no recompiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
+    real_compile, calls = torch.compile, []
+
+    def counting_compile(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, backend=counter, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    cfg = Stage1Config(**{**TINY, "epochs": 3})
+    n = len(load_cifar_lt(small_root, cfg.dataset, cfg.imbalance).train_y)
+    assert n % cfg.batch_size  # every epoch ends with a smaller batch
+    m = train_stage1(cfg, tmp_path / "c", root=small_root, device="cpu", progress=False, compile=True)
+    assert calls == [{"dynamic": False}]
+    assert counter.frame_count == 1  # compiled once, for the full batch, and never again
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["runtime"]["compile"] is True
+    assert m["plain"]["all"] > 20
