@@ -1,4 +1,4 @@
-"""The teaching notebooks: stored clean, and executed headless top to bottom on synthetic data."""
+"""The teaching notebooks: Jupytext pairs in step, stored clean, executed headless top to bottom."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
+from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
 from nbclient import NotebookClient
 
 from ltr import notebook_tools
@@ -21,19 +23,50 @@ from ltr.synthetic import write_fake_cifar
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-STRIP = REPO / "scripts" / "strip_notebooks.py"
 # Figures each notebook must show (issue 6): notebook 1 = count profile, per-class accuracy x2,
 # weight norms, norm evolution x2, group accuracy; notebook 2 = post-hoc norms, norm evolution,
-# weight norms and marginal likelihood of every model (Fig. 6), group accuracy.
+# weight norms and marginal likelihood of every model (Fig. 6), the tau sweep, group accuracy.
 MIN_IMAGES = {
     "01_stage1_feature_learning.ipynb": 7,
-    "02_stage2_classifier_learning.ipynb": 5,
+    "02_stage2_classifier_learning.ipynb": 6,
 }
 PERCENT = re.compile(r"\d+(\.\d+)?\s*%")
 
 
 def _load(name: str) -> dict:
     return json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+
+
+def _source(name: str) -> nbformat.NotebookNode:
+    """The reviewed source of a notebook: its Jupytext .py pair, read as a notebook."""
+    return jupytext.read(NOTEBOOKS / name.replace(".ipynb", ".py"))
+
+
+def _nbstripout(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbstripout", *args], capture_output=True, text=True)
+
+
+def test_every_notebook_is_a_jupytext_pair() -> None:
+    assert not (REPO / "scripts" / "make_notebooks.py").exists()  # one source of truth, no generator
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == set(MIN_IMAGES)
+    assert {p.name for p in NOTEBOOKS.glob("*.py")} == {n.replace(".ipynb", ".py") for n in MIN_IMAGES}
+    config_file = find_jupytext_configuration_file(str(NOTEBOOKS))
+    assert config_file is not None and Path(config_file) == REPO / "jupytext.toml"
+    config = load_jupytext_configuration_file(config_file)
+    for name in MIN_IMAGES:
+        assert config.default_formats(str(NOTEBOOKS / name)) == "ipynb,py:percent"
+
+
+@pytest.mark.parametrize("name", sorted(MIN_IMAGES))
+def test_pair_in_sync(name: str) -> None:
+    """The .ipynb holds exactly the cells of its .py (edit either, then `make strip` or save in Jupyter)."""
+    stored = nbformat.read(NOTEBOOKS / name, as_version=4)
+    source = _source(name)
+    cells = [(c.cell_type, c.source) for c in stored.cells]
+    assert cells == [(c.cell_type, c.source) for c in source.cells], (
+        f"{name} and its .py differ: run `make strip` (jupytext --sync) and commit both"
+    )
+    assert stored.metadata["kernelspec"] == source.metadata["kernelspec"]
 
 
 @pytest.mark.parametrize("name", sorted(MIN_IMAGES))
@@ -47,41 +80,42 @@ def test_stored_without_outputs(name: str) -> None:
     assert "widgets" not in nb["metadata"]
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))
-    assert subprocess.run([sys.executable, str(STRIP), "--check", str(NOTEBOOKS / name)]).returncode == 0
+    # Byte for byte what nbstripout writes (ids, metadata): the git filter would change nothing.
+    check = _nbstripout("--verify", str(NOTEBOOKS / name))
+    assert check.returncode == 0, f"{name} is not as nbstripout leaves it; run `make strip`"
 
 
 @pytest.mark.parametrize("name", sorted(MIN_IMAGES))
 def test_markdown_states_no_accuracy(name: str) -> None:
-    """Accuracies come from runs (code outputs) or WB's table; markdown prose quotes none."""
-    for cell in _load(name)["cells"]:
-        if cell["cell_type"] == "markdown":
-            text = "".join(cell["source"])
-            assert not PERCENT.search(text), f"{name}: markdown states a percentage: {text[:80]!r}"
+    """Accuracies come from runs (code outputs) or committed references; markdown prose quotes none."""
+    for cell in _source(name).cells:
+        if cell.cell_type == "markdown":
+            assert not PERCENT.search(cell.source), f"{name}: markdown states a percentage: {cell.source[:80]!r}"
 
 
 def test_notebook_setup_cells() -> None:
     for name in MIN_IMAGES:
-        code = ["".join(c["source"]) for c in _load(name)["cells"] if c["cell_type"] == "code"]
+        code = [c.source for c in _source(name).cells if c.cell_type == "code"]
         assert "REPO_URL" in code[0] and "pip" in code[0]  # hosted Jupyter installs ltr first
         assert 'os.environ.get("LTR_PRESET")' in code[1] and "torch.cuda.is_available()" in code[1]
+        assert all(f'"{p}"' in code[1] for p in ("paper", "cpu", "smoke"))  # the presets on offer
         assert "prepare_data" in code[2]
 
 
-def test_strip_script(tmp_path: Path) -> None:
+def test_nbstripout_restores_the_stored_file(tmp_path: Path) -> None:
     src = NOTEBOOKS / "01_stage1_feature_learning.ipynb"
     dirty = tmp_path / "dirty.ipynb"
     nb = json.loads(src.read_text(encoding="utf-8"))
-    for cell in nb["cells"]:
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"random-{i}"  # as Jupyter or jupytext write them
         if cell["cell_type"] == "code":
             cell["execution_count"] = 3
             cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hi\n"]}]
             cell["metadata"]["execution"] = {"iopub.status.busy": "2024-01-01"}
-    nb["metadata"]["widgets"] = {"state": {}}
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
     dirty.write_text(json.dumps(nb), encoding="utf-8")
-    check = subprocess.run([sys.executable, str(STRIP), "--check", str(dirty)], capture_output=True,
-                           text=True)
-    assert check.returncode == 1 and "dirty.ipynb" in check.stderr
-    assert subprocess.run([sys.executable, str(STRIP), str(dirty)], capture_output=True).returncode == 0
+    assert _nbstripout("--verify", str(dirty)).returncode != 0
+    assert _nbstripout(str(dirty)).returncode == 0
     assert dirty.read_bytes() == src.read_bytes()  # stripping restores the stored file exactly
 
 
