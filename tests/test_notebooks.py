@@ -90,7 +90,8 @@ def test_markdown_states_no_accuracy(name: str) -> None:
     """Accuracies come from runs (code outputs) or committed references; markdown prose quotes none."""
     for cell in _source(name).cells:
         if cell.cell_type == "markdown":
-            assert not PERCENT.search(cell.source), f"{name}: markdown states a percentage: {cell.source[:80]!r}"
+            text = cell.source
+            assert not PERCENT.search(text), f"{name}: markdown states a percentage: {text[:80]!r}"
 
 
 def test_notebook_setup_cells() -> None:
