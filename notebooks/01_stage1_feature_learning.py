@@ -17,72 +17,98 @@
 #
 # You will
 # 1. build the long-tailed training set and see its class counts,
-# 2. train two models, a naive one (no weight decay) and one with WB's tuned weight decay,
+# 2. train two models, a naive one (no weight decay) and one with a tuned weight decay,
 # 3. compare their per-class accuracy and the norms of their classifier weights, also during training,
-# 4. put the results beside WB's Table 1.
+# 4. put the results beside a committed reference run and beside WB's Table 1.
 #
 # Notebook 2 then re-balances the classifier on top of these two models.
 
 # %% [markdown]
 # **How to run.** Top to bottom, one cell at a time. Every run is saved in its own directory under
 # `EXP` (named after its recipe); running a cell again, or after a kernel restart, reuses the finished
-# run instead of training again. With the `paper` preset training takes a GPU and a long time (WB's
-# official code needed about 55 minutes per stage-1 run on one RTX 3090); the `smoke` preset finishes in
-# minutes on a CPU but its numbers mean nothing, and on synthetic images even less.
+# run instead of training again.
+#
+# **Setup.** In a clone of the repository the first cell imports `ltr` from the clone. On hosted
+# Jupyter (Colab and the like) it clones the repository next to the notebook (into `ltr-repo/`) and
+# installs it, so that the data folder and the committed reference runs are there too: put the
+# repository's address in `REPO_URL` first.
 
 # %%
-# Setup. On hosted Jupyter (Colab and the like) ltr is not installed yet: install it from its repository.
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/OWNER/ltr"  # <-- EDIT ME: the GitHub address of this repository
 
-# Running from a clone (notebooks/ next to ltr/)? Then data/ and exp/ live at the clone's root.
 HERE = Path.cwd()
-REPO = HERE.parent if HERE.name == "notebooks" and (HERE.parent / "ltr").is_dir() else HERE
-try:
-    import ltr
-except ImportError:
-    if (REPO / "ltr" / "__init__.py").is_file():
-        sys.path.insert(0, str(REPO))  # a clone without `pip install -e .`
-    else:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", f"git+{REPO_URL}"], check=True)
-    import ltr
-print("ltr", ltr.__version__)
+REPO = next((p for p in (HERE.parent, HERE, HERE / "ltr-repo") if (p / "ltr" / "__init__.py").is_file()), None)
+spec = importlib.util.find_spec("ltr") if REPO is None else None
+if spec is not None and (Path(spec.origin).parents[1] / "pyproject.toml").is_file():
+    REPO = Path(spec.origin).parents[1]  # ltr installed from (or on the path of) a checkout
+if REPO is None:
+    REPO = HERE / "ltr-repo"
+    subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(REPO)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", str(REPO)], check=True)
+sys.path.insert(0, str(REPO))
+import ltr
+
+# %% [markdown]
+# **Choose a preset.** A preset is a recipe at a given scale; all three train on the real CIFAR-100.
+#
+# - `paper`: WB's recipe (ResNet-34, 200 epochs). It needs a GPU.
+# - `cpu`: WB's recipe cut to fit a lab session on a 2-core CPU with no GPU. It keeps the data, the
+#   augmentation, the batch size, SGD with momentum, the cosine schedule, weight decay on every
+#   parameter, and all of stage 2. It changes the backbone (a ResNet-8), trains fewer epochs at a
+#   higher learning rate, and retunes the weight decay so that its total shrinkage over the shorter
+#   schedule matches the paper's. The table two cells down lists every field it changes, and how long its
+#   training took when measured.
+# - `smoke`: a few epochs, to check that everything runs; its numbers teach nothing.
+#
+# Without a GPU the cell picks `cpu`. Set the environment variable `LTR_PRESET`, or edit the line.
 
 # %%
-# PRESET: "paper" = WB's recipe (ResNet-34, 200 epochs; needs a GPU).
-#         "smoke" = a tiny ResNet for a few epochs: checks the code on a CPU, teaches nothing about accuracy.
-# Override with the environment variable LTR_PRESET, or just edit the line.
 import os
 
 import torch
 
-PRESET = os.environ.get("LTR_PRESET") or ("paper" if torch.cuda.is_available() else "smoke")
-DATA_ROOT = Path(os.environ.get("LTR_DATA_ROOT", REPO / "data"))  # holds cifar-100-python/
-EXP = Path(os.environ.get("LTR_EXP", REPO / "exp"))  # run directories go here
-print(f"preset {PRESET!r}, data {DATA_ROOT}, runs under {EXP}")
+PRESET = os.environ.get("LTR_PRESET") or ("paper" if torch.cuda.is_available() else "cpu")  # or "smoke"
+DATA_ROOT = Path(os.environ.get("LTR_DATA_ROOT", REPO / "data"))
+EXP = Path(os.environ.get("LTR_EXP", REPO / "exp"))
+REFERENCE = REPO / "exp" / "reference" / "cpu"
+
+# %% [markdown]
+# **The data.** CIFAR-100 from `DATA_ROOT` (the folder `cifar-100-python/`), downloaded there once if
+# it is missing. Only when there is neither the data nor a network does the cell write small
+# *synthetic* images in the same file layout instead, and then it says so in its output, in every
+# figure title and beside every table.
 
 # %%
-# The data: CIFAR-100 from DATA_ROOT. Missing? The paper preset downloads it; the smoke preset writes
-# small SYNTHETIC images in the same file layout instead (and says so).
 import numpy as np
 import pandas as pd
 
-from ltr import plots
-from ltr.config import run_name, stage2_name
+from ltr import notebook_tools, plots
+from ltr.config import run_name
 from ltr.data import class_groups
 from ltr.notebook_tools import prepare_data
-from ltr.tables import PAPER_TABLE1  # WB's Table 1 numbers, as printed in the paper
+from ltr.tables import PAPER_TABLE1
 
 DATA_ROOT, SYNTHETIC = prepare_data(DATA_ROOT, PRESET)
 if SYNTHETIC:
     EXP = EXP / "synthetic"  # runs on synthetic images never mix with runs on CIFAR-100
 COMPARABLE = PRESET == "paper" and not SYNTHETIC
-# NOTE goes into figure titles, so that no figure from this run can pass for a paper result.
 SOURCE = f"{PRESET} preset" + (" on SYNTHETIC images" if SYNTHETIC else "")
 NOTE = "" if COMPARABLE else f"  [{SOURCE}: not comparable to WB]"
+print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
+
+# %% [markdown]
+# What the preset changes in WB's recipe (empty for `paper`), and how long this notebook's training
+# took in the committed reference run of the `cpu` preset (`exp/reference/cpu`, measured on a 2-core
+# CPU): this notebook trains exactly its two stage-1 runs.
+
+# %%
+display(notebook_tools.preset_changes(PRESET))
+notebook_tools.reference_timing(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"], PRESET);
 
 # %% [markdown]
 # ## 1. The long tail
@@ -105,6 +131,7 @@ info = data.summary()
 print(f"{info['train']:,} training images (long-tailed), {info['test']:,} test images (balanced)")
 print("classes per group:", info["groups"])
 print("images of the first five classes:", data.counts[:5], " of the last five:", data.counts[-5:])
+print("first five classes:", data.class_names[:5], " last five:", data.class_names[-5:])
 
 # %%
 plots.plot_count_profile((100, 50, 10), n_max=data.counts[0], title="Training images per class" + NOTE)
@@ -124,50 +151,52 @@ plots.plot_count_profile((100, 50, 10), n_max=data.counts[0], title="Training im
 # short, so no class wins by norm alone. WB also find that it gives better features.
 #
 # WB's naive model uses $\lambda = 0$; their tuned value, chosen on validation data, is
-# $\lambda = 5 \cdot 10^{-3}$.
+# $\lambda = 5 \cdot 10^{-3}$. Each preset carries its own tuned value (the `cpu` preset's is smaller,
+# for its shorter schedule at a higher learning rate); the cell prints the one in use.
 
 # %%
-naive_cfg = ltr.preset_config("stage1", PRESET, wd=0.0)  # WB's naive model: no weight decay
-wd_cfg = ltr.preset_config("stage1", PRESET, wd=5e-3)  # WB's tuned weight decay
-NAIVE = EXP / "stage1" / run_name(naive_cfg)
-WD = EXP / "stage1" / run_name(wd_cfg)
+naive_cfg = ltr.preset_config("stage1", PRESET, wd=0.0)
+wd_cfg = ltr.preset_config("stage1", PRESET)
+NAIVE, WD = EXP / "stage1" / run_name(naive_cfg), EXP / "stage1" / run_name(wd_cfg)
+N_LABEL, WD_LABEL = "naive (WD=0)", f"WD={wd_cfg.wd:g}"
 print(wd_cfg)
 
 # %%
-ltr.train_stage1(naive_cfg, NAIVE, root=DATA_ROOT)  # trains, or reuses the finished run in NAIVE
-plots.results_table({"naive (WD=0)": NAIVE}, tta="flip")
+ltr.train_stage1(naive_cfg, NAIVE, root=DATA_ROOT)
+plots.results_table({N_LABEL: NAIVE}, tta="flip")
 
 # %%
 ltr.train_stage1(wd_cfg, WD, root=DATA_ROOT)
-plots.results_table({"WD=5e-3": WD}, tta="flip")
+plots.results_table({WD_LABEL: WD}, tta="flip")
 
 # %% [markdown]
 # ## 3. Per-class accuracy
 #
 # Each bar is the test accuracy of one class, classes sorted from head (left) to tail (right); the dashed
 # lines are the group means (the Many / Medium / Few numbers of the tables). Look for the slope from head
-# to tail, and for which groups gain when weight decay is added.
+# to tail: the naive model should be strong on the left and fall to near nothing on the right. Then look
+# at which groups gain when weight decay is added: all of them, or mostly the head?
 
 # %%
-plots.plot_per_class_accuracy(NAIVE, title="naive model (WD=0)" + NOTE)
+plots.plot_per_class_accuracy(NAIVE, title=N_LABEL + NOTE)
 
 # %%
-plots.plot_per_class_accuracy(WD, title="weight decay 5e-3" + NOTE)
+plots.plot_per_class_accuracy(WD, title=WD_LABEL + NOTE)
 
 # %% [markdown]
 # ## 4. Per-class weight norms (WB Fig. 3)
 #
 # The norm $\lVert w_c \rVert$ of each row of the last linear layer. Without weight decay, expect the
 # head rows to be clearly longer than the tail rows; with weight decay the curve should be lower and
-# flatter, that is, more *balanced*.
+# flatter, that is, more *balanced*. The table after the figure gives the same in numbers: the mean norm
+# of each group, and how much longer the head rows are than the tail rows.
 
 # %%
-plots.plot_weight_norms({"naive (WD=0)": NAIVE, "WD=5e-3": WD}, title="classifier weight norms" + NOTE)
+plots.plot_weight_norms({N_LABEL: NAIVE, WD_LABEL: WD}, title="classifier weight norms" + NOTE)
 
 # %%
-# The same in numbers: mean norm per group, and how much longer the head rows are than the tail rows.
 rows = {}
-for label, run in {"naive (WD=0)": NAIVE, "WD=5e-3": WD}.items():
+for label, run in {N_LABEL: NAIVE, WD_LABEL: WD}.items():
     m = plots.load_run(run)["metrics"]
     norms = pd.Series(m["weight_norms"])
     rows[label] = {g: norms[idx].mean() for g, idx in class_groups(m["counts"]).items() if idx}
@@ -184,27 +213,39 @@ norm_table.round(3)
 # weight decay stops the drift.
 
 # %%
-plots.plot_norm_evolution(NAIVE, title="naive model (WD=0)" + NOTE)
+plots.plot_norm_evolution(NAIVE, title=N_LABEL + NOTE)
 
 # %%
-plots.plot_norm_evolution(WD, title="weight decay 5e-3" + NOTE)
+plots.plot_norm_evolution(WD, title=WD_LABEL + NOTE)
 
 # %% [markdown]
-# ## 6. Results beside the paper
+# ## 6. Results beside a reference run and beside the paper
 #
 # Our columns are the runs above, measured at their **last** epoch on the full balanced test set, with
 # flip averaging (the logits of an image and its mirror image averaged, as in WB's official code). The
 # `WB` columns are copied from **WB's Table 1** (CIFAR100-LT, IF = 100, ResNet-34, 200 epochs); they are
-# the paper's numbers, not ours. `n/a` marks an empty group. Runs with the `smoke` preset, and any run on
-# synthetic images, are not comparable to WB's numbers.
+# the paper's numbers, not ours. `n/a` marks an empty group. Only the `paper` preset is comparable to
+# them; for the others, compare the shape: which groups gain, and by roughly how much.
 
 # %%
-plots.plot_group_accuracy({"naive (WD=0)": NAIVE, "WD=5e-3": WD}, tta="flip", title="stage 1" + NOTE)
+plots.plot_group_accuracy({N_LABEL: NAIVE, WD_LABEL: WD}, tta="flip", title="stage 1" + NOTE)
 
 # %%
 if not COMPARABLE:
     print(f"Our columns come from the {SOURCE}: they are NOT comparable to WB's columns.")
-plots.results_table({"naive (WD=0)": NAIVE, "WD=5e-3": WD}, tta="flip", paper=PAPER_TABLE1)
+plots.results_table({N_LABEL: NAIVE, WD_LABEL: WD}, tta="flip", paper=PAPER_TABLE1)
+
+# %% [markdown]
+# **The committed reference.** `exp/reference/cpu` holds the Table 1 of the `cpu` preset on the real
+# CIFAR-100, made with this code (the run directories without checkpoints, `table1.csv`, and a README
+# naming the machine). With the `cpu` preset and seed 0, your two rows above should land close to its
+# two rows below. The line after the table reads, from the same file, how much weight decay moves each
+# group in that run and in WB's table. Look at Few: does weight decay help the tail at this scale too,
+# and by about as much as in the paper?
+
+# %%
+display(notebook_tools.reference_table(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]))
+notebook_tools.reference_change(REFERENCE, "WD=0 (w/ CE)", "WD tuned (w/ CE)");
 
 # %% [markdown]
 # ## Try it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import re
 import subprocess
 import sys
@@ -17,9 +16,6 @@ import nbformat
 import pytest
 from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
 from nbclient import NotebookClient
-
-from ltr import notebook_tools
-from ltr.synthetic import write_fake_cifar
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -118,33 +114,6 @@ def test_nbstripout_restores_the_stored_file(tmp_path: Path) -> None:
     assert _nbstripout("--verify", str(dirty)).returncode != 0
     assert _nbstripout(str(dirty)).returncode == 0
     assert dirty.read_bytes() == src.read_bytes()  # stripping restores the stored file exactly
-
-
-def test_prepare_data(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture) -> None:
-    # Data present: used as it is, and announced as synthetic when it is.
-    assert notebook_tools.prepare_data(small_root, "smoke") == (small_root, True)
-    assert "SYNTHETIC" in capsys.readouterr().out
-    # Missing, smoke preset: synthetic files in root/synthetic, never in root itself.
-    root, synthetic = notebook_tools.prepare_data(tmp_path / "data", "smoke")
-    assert root == tmp_path / "data" / "synthetic" and synthetic
-    assert (root / "cifar-100-python" / "train").is_file()
-    assert not (tmp_path / "data" / "cifar-100-python").exists()
-    # Missing, paper preset: downloads (here a stand-in that writes files with real class names).
-    fetched = []
-
-    def fake_download(root: Path, dataset: str) -> Path:
-        fetched.append(dataset)
-        write_fake_cifar(root, dataset, train_per_class=2, test_per_class=1)
-        meta = root / "cifar-100-python" / "meta"
-        names = [f"name{i}".encode() for i in range(100)]
-        meta.write_bytes(pickle.dumps({b"fine_label_names": names}))
-        return root / "cifar-100-python"
-
-    monkeypatch.setattr(notebook_tools, "download", fake_download)
-    assert notebook_tools.prepare_data(tmp_path / "real", "paper") == (tmp_path / "real", False)
-    assert fetched == ["cifar100"]
-    assert "using cifar100" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- execution
