@@ -87,6 +87,8 @@ def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100"
 
 def preset_changes(preset: str) -> pd.DataFrame:
     """The fields where a preset departs from the paper's recipe, stage by stage (empty for paper)."""
+    if preset == "paper":
+        return pd.DataFrame(columns=["stage", "field", "paper"]).set_index(["stage", "field"])
     rows = []
     for stage in ("stage1", "stage2"):
         paper, ours = asdict(preset_config(stage, "paper")), asdict(preset_config(stage, preset))

@@ -107,7 +107,8 @@ print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
 # CPU): this notebook trains exactly its two stage-1 runs.
 
 # %%
-display(notebook_tools.preset_changes(PRESET))
+CHANGES = notebook_tools.preset_changes(PRESET)
+display(CHANGES if len(CHANGES) else f"preset {PRESET!r} is WB's recipe, unchanged")
 notebook_tools.reference_timing(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"], PRESET);
 
 # %% [markdown]

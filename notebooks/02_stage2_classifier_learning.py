@@ -103,7 +103,8 @@ print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
 # nothing), plus the two stage-1 runs of notebook 1 if you have not run it.
 
 # %%
-display(notebook_tools.preset_changes(PRESET))
+CHANGES = notebook_tools.preset_changes(PRESET)
+display(CHANGES if len(CHANGES) else f"preset {PRESET!r} is WB's recipe, unchanged")
 STAGE2_ROWS = ["+ L2norm", "+ tau-norm", "WD=0 + tau-norm", "+ CB", "+ CB & WD", "+ CB & WD & Max"]
 notebook_tools.reference_timing(REFERENCE, STAGE2_ROWS, PRESET);
 
