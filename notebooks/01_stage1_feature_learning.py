@@ -102,7 +102,7 @@ NOTE = "" if COMPARABLE else f"  [{SOURCE}: not comparable to WB]"
 print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
 
 # %% [markdown]
-# What the preset changes in WB's recipe (empty for `paper`), and how long this notebook's training
+# What the preset changes in WB's recipe (nothing for `paper`), and how long this notebook's training
 # took in the committed reference run of the `cpu` preset (`exp/reference/cpu`, measured on a 2-core
 # CPU): this notebook trains exactly its two stage-1 runs.
 
