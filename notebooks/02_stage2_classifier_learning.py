@@ -56,9 +56,9 @@ import ltr
 # - `cpu`: WB's recipe cut to fit a lab session on a 2-core CPU with no GPU. It keeps the data, the
 #   augmentation, the batch size, SGD with momentum, the cosine schedule, weight decay on every
 #   parameter, and all of stage 2. It changes the backbone (a ResNet-8), trains fewer epochs at a
-#   higher learning rate, and retunes the weight decay so that its total shrinkage over the shorter
-#   schedule matches the paper's. The table two cells down lists every field it changes, and how long its
-#   training took when measured.
+#   higher learning rate, and uses its own weight decay, tuned on the validation split for that schedule
+#   as WB tuned theirs. The table two cells down lists every field it changes, and how long its training
+#   took when measured.
 # - `smoke`: a few epochs, to check that everything runs; its numbers teach nothing.
 #
 # Without a GPU the cell picks `cpu`. Set the environment variable `LTR_PRESET`, or edit the line.
