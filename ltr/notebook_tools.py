@@ -78,7 +78,7 @@ def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100"
     if synthetic:
         print(SYNTHETIC_NOTE)
     else:
-        print(f"using {dataset} from {root}: the real images (official files), in every preset")
+        print(f"using {dataset} from {root}: the real images (the official files)")
     return root, synthetic
 
 
@@ -99,8 +99,8 @@ def preset_changes(preset: str) -> pd.DataFrame:
 
 
 def _missing(ref: Path, what: str) -> None:
-    print(f"No committed reference run in {ref} ({what} is not there): nothing to compare with yet. "
-          "It is written by `python -m ltr table1` and kept under exp/reference/.")
+    print(f"No committed reference run in {ref} yet (no {what}): nothing to compare with. "
+          "A reference is what `python -m ltr table1` writes, kept under exp/reference/.")
 
 
 def reference_runs(ref: str | os.PathLike) -> dict[str, Path]:
@@ -171,12 +171,25 @@ def reference_change(ref: str | os.PathLike, before: str, after: str, tta: str =
     return line
 
 
+def show_reference(ref: str | os.PathLike, rows: Sequence[str],
+                   changes: Sequence[tuple[str, str]] = ()) -> None:
+    """Display a reference's rows (reference_table) and print how each (before, after) pair moves."""
+    table = reference_table(ref, rows)
+    if table is None:
+        return
+    from IPython.display import display
+
+    display(table)
+    for before, after in changes:
+        reference_change(ref, before, after)
+
+
 def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> float | None:
     """Training seconds the reference spent on these rows' runs (from their metrics.json), printed."""
     ref = Path(ref)
     runs = reference_runs(ref)
     if not runs:
-        _missing(ref, "runs.json or its run directories")
+        _missing(ref, "runs.json with finished run directories")
         return None
     ref_preset = read_json(ref / "runs.json").get("preset")
     if ref_preset != preset:

@@ -247,8 +247,8 @@ plots.results_table({N_LABEL: NAIVE, WD_LABEL: WD}, tta="flip", paper=PAPER_TABL
 # and by about as much as in the paper?
 
 # %%
-display(notebook_tools.reference_table(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]))
-notebook_tools.reference_change(REFERENCE, "WD=0 (w/ CE)", "WD tuned (w/ CE)");
+notebook_tools.show_reference(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
+                              changes=[("WD=0 (w/ CE)", "WD tuned (w/ CE)")])
 
 # %% [markdown]
 # ## Try it

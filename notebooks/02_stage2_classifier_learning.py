@@ -278,9 +278,8 @@ plots.results_table(SUMMARY, tta="flip", paper=PAPER_TABLE1)
 # %%
 REF_ROWS = ["WD=0 (w/ CE)", "WD=0 + tau-norm", "WD tuned (w/ CE)", "+ L2norm", "+ tau-norm", "+ CB",
             "+ CB & WD", "+ CB & WD & Max"]
-display(notebook_tools.reference_table(REFERENCE, REF_ROWS))
-notebook_tools.reference_change(REFERENCE, "WD tuned (w/ CE)", "+ CB & WD & Max")
-notebook_tools.reference_change(REFERENCE, "WD tuned (w/ CE)", "+ tau-norm");
+notebook_tools.show_reference(REFERENCE, REF_ROWS, changes=[("WD tuned (w/ CE)", "+ CB & WD & Max"),
+                                                           ("WD tuned (w/ CE)", "+ tau-norm")])
 
 # %% [markdown]
 # ## 8. Optional: WB beside its neighbours (no training here)

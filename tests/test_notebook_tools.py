@@ -132,6 +132,21 @@ def test_reference_runs_table_and_change(reference: Path, capsys: pytest.Capture
     assert str(reference / "table1.csv") in line and "Few +10.0" in line and f"Few {wb:+.1f}" in line
 
 
+def test_show_reference(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture) -> None:
+    import IPython.display
+
+    shown: list = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    notebook_tools.show_reference(reference, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
+                                  changes=[("WD=0 (w/ CE)", "WD tuned (w/ CE)")])
+    assert len(shown) == 1 and list(shown[0].index) == ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
+    assert "Few +10.0" in capsys.readouterr().out
+    notebook_tools.show_reference(tmp_path / "none", ["WD=0 (w/ CE)"], changes=[("a", "b")])
+    assert len(shown) == 1  # nothing displayed when the reference is absent ...
+    assert capsys.readouterr().out.count("No committed reference run") == 1  # ... and that is said once
+
+
 def test_reference_timing(reference: Path, capsys: pytest.CaptureFixture) -> None:
     rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
     assert notebook_tools.reference_timing(reference, rows, "cpu") == 900.0
