@@ -282,20 +282,22 @@ def collect(rows: tuple[Row, ...], where: dict[tuple[str, float, int], Path], se
     return pd.DataFrame.from_records(records)
 
 
+def _mean_std(rec: pd.Series, key: str, empty: str) -> str:
+    """rec's {key}_mean ± {key}_std over seeds; `empty` when runs finished without a value, else "no run"."""
+    mean, std = rec[f"{key}_mean"], rec[f"{key}_std"]
+    if pd.isna(mean):
+        return empty if rec["seeds"] else "no run"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if not pd.isna(std) else "")
+
+
 def fmt_cell(rec: pd.Series, g: str) -> str:
     """A cell of ours: mean ± std over seeds, "n/a" for an empty group, "no run" when nothing finished."""
-    mean, std, n = rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"]
-    if pd.isna(mean):
-        return "n/a" if n == 0 and rec["seeds"] else "no run"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if not pd.isna(std) else "")
+    return _mean_std(rec, g, "n/a" if rec[f"{g}_n"] == 0 else "no run")
 
 
 def fmt_best(rec: pd.Series) -> str:
     """The optimistic best-test-epoch cell: mean ± std over seeds, "–" for post-hoc rows."""
-    mean, std = rec["best_test_plain_all_mean"], rec["best_test_plain_all_std"]
-    if pd.isna(mean):
-        return "–" if rec["seeds"] else "no run"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if not pd.isna(std) else "")
+    return _mean_std(rec, "best_test_plain_all", "–")
 
 
 def _fmt_num(x: object, signed: bool = False) -> str:
