@@ -103,13 +103,14 @@ def _missing(ref: Path, what: str) -> None:
           "A reference is what `python -m ltr table1` writes, kept under exp/reference/.")
 
 
-def reference_runs(ref: str | os.PathLike) -> dict[str, Path]:
-    """Table 1 row -> finished run directory of a committed reference (first seed, first imbalance factor)."""
+def reference_runs(ref: str | os.PathLike, seed: int | None = None) -> dict[str, Path]:
+    """Table 1 row -> finished run directory of a committed reference, for one seed (default its first)."""
     ref = Path(ref)
     if not (ref / "runs.json").is_file():
         return {}
     info = read_json(ref / "runs.json")
-    seed, imbalance = info["seeds"][0], info["imbalances"][0]
+    seed = info["seeds"][0] if seed is None else seed
+    imbalance = info["imbalances"][0]
     out = {}
     for run in info["runs"]:
         if run["seed"] != seed or run["imbalance"] != imbalance:
@@ -184,30 +185,31 @@ def show_reference(ref: str | os.PathLike, rows: Sequence[str],
         reference_change(ref, before, after)
 
 
-def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> float | None:
-    """Training seconds the reference spent on these rows' runs (from their metrics.json), printed."""
+def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> dict[int, float] | None:
+    """Training minutes a reference spent on these rows' runs, per seed (from their metrics.json), printed."""
     ref = Path(ref)
-    runs = reference_runs(ref)
-    if not runs:
+    if not reference_runs(ref):
         _missing(ref, "runs.json with finished run directories")
         return None
-    ref_preset = read_json(ref / "runs.json").get("preset")
-    if ref_preset != preset:
-        print(f"{ref} was made with the {ref_preset!r} preset: it measured no time for preset {preset!r}")
+    info = read_json(ref / "runs.json")
+    if info.get("preset") != preset:
+        print(f"{ref} was made with the {info.get('preset')!r} preset: "
+              f"it measured no time for preset {preset!r}")
         return None
-    total, lines = 0.0, []
-    for row in rows:
-        if row not in runs:
+    minutes: dict[int, float] = {}
+    runtime: dict = {}
+    for seed in info["seeds"]:
+        runs = reference_runs(ref, seed)
+        done = [runs[r] for r in rows if r in runs]
+        if not done:
             continue
-        seconds = float(read_json(runs[row] / "metrics.json").get("train_seconds") or 0.0)
-        total += seconds
-        lines.append(f"  {runs[row].relative_to(ref)}: {seconds / 60:.1f} min")
-    runtime = read_json(next(iter(runs.values())) / "config.json").get("runtime", {})
-    print(f"measured in {ref} (device {runtime.get('device')}, torch {runtime.get('torch')}, "
-          f"{runtime.get('created', '')[:10]}; the machine is described in {ref / 'README.md'}):")
-    print("\n".join(lines) or "  (none of these rows)")
-    print(f"  training in all: {total / 60:.1f} min")
-    return total
+        seconds = [float(read_json(d / "metrics.json").get("train_seconds") or 0.0) for d in done]
+        minutes[seed] = sum(seconds) / 60
+        runtime = read_json(done[0] / "config.json").get("runtime", {})
+    per_seed = ", ".join(f"seed {s}: {m:.1f} min" for s, m in minutes.items())
+    print(f"training time of these {len(rows)} runs in {ref} ({per_seed}; device {runtime.get('device')}, "
+          f"torch {runtime.get('torch')}). How each seed was run, and on which machine: {ref / 'README.md'}")
+    return minutes
 
 
 # ---------------------------------------------------------------- tau-norm on cached features

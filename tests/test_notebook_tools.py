@@ -149,9 +149,9 @@ def test_show_reference(reference: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_reference_timing(reference: Path, capsys: pytest.CaptureFixture) -> None:
     rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
-    assert notebook_tools.reference_timing(reference, rows, "cpu") == 900.0
+    assert notebook_tools.reference_timing(reference, rows, "cpu") == {0: 15.0}
     out = capsys.readouterr().out
-    assert "15.0 min" in out and "README.md" in out
+    assert "seed 0: 15.0 min" in out and "README.md" in out
     assert notebook_tools.reference_timing(reference, rows, "smoke") is None
     assert "no time for preset 'smoke'" in capsys.readouterr().out
 
