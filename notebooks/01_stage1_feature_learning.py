@@ -189,10 +189,11 @@ plots.plot_per_class_accuracy(WD, title=WD_LABEL + NOTE)
 # %% [markdown]
 # ## 4. Per-class weight norms (WB Fig. 3)
 #
-# The norm $\lVert w_c \rVert$ of each row of the last linear layer. Without weight decay, expect the
-# head rows to be clearly longer than the tail rows; with weight decay the curve should be lower and
-# flatter, that is, more *balanced*. The table after the figure gives the same in numbers: the mean norm
-# of each group, and how much longer the head rows are than the tail rows.
+# The norm $\lVert w_c \rVert$ of each row of the last linear layer. In WB's Fig. 3 the head rows of
+# the naive model are clearly longer than the tail rows, and with weight decay the curve is lower and
+# flatter, that is, more *balanced*. Check whether your two models show both. The table after the
+# figure gives the same in numbers: the mean norm of each group, and how much longer the head rows are
+# than the tail rows.
 
 # %%
 plots.plot_weight_norms({N_LABEL: NAIVE, WD_LABEL: WD}, title="classifier weight norms" + NOTE)
@@ -240,11 +241,12 @@ plots.results_table({N_LABEL: NAIVE, WD_LABEL: WD}, tta="flip", paper=PAPER_TABL
 
 # %% [markdown]
 # **The committed reference.** `exp/reference/cpu` holds the Table 1 of the `cpu` preset on the real
-# CIFAR-100, made with this code (the run directories without checkpoints, `table1.csv`, and a README
-# naming the machine). With the `cpu` preset and seed 0, your two rows above should land close to its
-# two rows below. The line after the table reads, from the same file, how much weight decay moves each
-# group in that run and in WB's table. Look at Few: does weight decay help the tail at this scale too,
-# and by about as much as in the paper?
+# CIFAR-100, made with this code over three seeds (the run directories without checkpoints,
+# `table1.csv`, and a README naming the machine). With the `cpu` preset your two rows above should land
+# close to its two rows below. The line after the table reads, from the same file, how much weight decay
+# moves each group in that run and in WB's table. Look at Few: does weight decay help the tail at this
+# scale too, and by about as much as in the paper? `exp/reference/cpu/README.md` goes through WB's
+# claims one by one for this recipe, with the weight-decay study behind the preset's value.
 
 # %%
 notebook_tools.show_reference(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
