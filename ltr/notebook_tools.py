@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from . import plots
 from .config import preset_config
@@ -266,8 +269,17 @@ class TauNorm:
         return {float(t): self(t, tta, split) for t in taus}
 
 
+def _log_axis(ax: Axes, ylim: tuple[float, float] | None = None) -> None:
+    """A log y axis labelled with plain numbers (norms span about one decade)."""
+    ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_tau_norm(result: Mapping, counts: Sequence[int], base: Mapping | None = None,
-                  title: str | None = None) -> Figure:
+                  title: str | None = None, ylim: tuple[float, float] | None = None) -> Figure:
     """One tau: per-class norms of the rescaled classifier and Many/Medium/Few/All, beside base (tau 0)."""
     fig = plots._figure((10.5, 3.6))
     ax, bars = fig.subplots(1, 2, width_ratios=[1.7, 1.0])
@@ -275,7 +287,7 @@ def plot_tau_norm(result: Mapping, counts: Sequence[int], base: Mapping | None =
     if base is not None:
         ax.plot(base["norms"], color="0.6", lw=1.2, label=f"tau = {base['tau']:g} (stage 1)")
     ax.plot(result["norms"], color="tab:purple", lw=1.6, label=f"tau = {result['tau']:.2f}")
-    ax.set_yscale("log")
+    _log_axis(ax, ylim)
     ax.set_xlabel("class (head on the left, tail on the right)")
     ax.set_ylabel("||w_c|| after tau-norm (log)")
     ax.legend(fontsize=8, loc="lower left")
@@ -316,10 +328,11 @@ def plot_tau_sweep(results: Mapping[float, Mapping], marks: Sequence[float] = (0
     acc.set_ylabel("test accuracy, %")
     acc.legend(fontsize=8)
     acc.set_title("accuracy by group as tau grows", fontsize=9)
-    for t in marks:
+    shades = colormaps["viridis"](np.linspace(0.0, 0.85, len(marks)))  # not the group colours on the left
+    for t, shade in zip(marks, shades, strict=True):
         near = min(taus, key=lambda s, t=t: abs(s - t))
-        norms.plot(results[near]["norms"], lw=1.2, label=f"tau = {near:g}")
-    norms.set_yscale("log")
+        norms.plot(results[near]["norms"], lw=1.2, color=shade, label=f"tau = {near:g}")
+    _log_axis(norms)
     norms.set_xlabel("class (head on the left, tail on the right)")
     norms.set_ylabel("||w_c|| after tau-norm (log)")
     norms.legend(fontsize=8)
@@ -336,10 +349,13 @@ def tau_slider(tau_norm: TauNorm, value: float = 1.9, tta: str = "flip", title: 
         print("ipywidgets is not installed: the static sweep above shows the same numbers")
         return None
     base = tau_norm(0.0, tta)
+    # One y range for every tau (each norm moves monotonically in tau), so that dragging shows the motion.
+    ends = np.concatenate([base["norms"], tau_norm(3.0, tta)["norms"]])
+    ylim = (float(ends.min()) * 0.8, float(ends.max()) * 1.25)
     slider = widgets.FloatSlider(value=value, min=0.0, max=3.0, step=0.05, description="tau",
                                  continuous_update=True, readout_format=".2f")
 
     def draw(tau: float) -> None:
-        display(plot_tau_norm(tau_norm(tau, tta), tau_norm.counts, base, title))
+        display(plot_tau_norm(tau_norm(tau, tta), tau_norm.counts, base, title, ylim))
 
     return widgets.VBox([slider, widgets.interactive_output(draw, {"tau": slider})])
