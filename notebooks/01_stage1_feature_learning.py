@@ -105,6 +105,7 @@ print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
 # What the preset changes in WB's recipe (nothing for `paper`), and how long this notebook's training
 # took in the committed reference run of the `cpu` preset (`exp/reference/cpu`, measured on a 2-core
 # CPU): this notebook trains exactly its two stage-1 runs.
+# The README's Notebooks section gives the measured wall time of the whole notebook with this preset.
 
 # %%
 CHANGES = notebook_tools.preset_changes(PRESET)

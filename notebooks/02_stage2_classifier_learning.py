@@ -101,6 +101,7 @@ print(f"ltr {ltr.__version__}, preset {PRESET!r}, runs under {EXP}")
 # took in the committed reference run of the `cpu` preset (`exp/reference/cpu`, measured on a 2-core
 # CPU): this notebook trains exactly six of its stage-2 runs, listed below (post-hoc runs train
 # nothing), plus the two stage-1 runs of notebook 1 if you have not run it.
+# The README's Notebooks section gives the measured wall time of the whole notebook with this preset.
 
 # %%
 CHANGES = notebook_tools.preset_changes(PRESET)
