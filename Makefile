@@ -30,12 +30,17 @@ table1: install
 compare: install
 	$(PY) -m ltr compare --root $(ROOT) --download --preset paper --seeds $(SEEDS)
 
+# Jupyter Lab with Jupytext (saving either file of a pair updates both) and nbstripout's git filter,
+# so that outputs never reach a commit.
 notebooks: install
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test,notebooks]'
+	$(VENV)/bin/nbstripout --install
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Bring each pair in step (the newer file of the pair wins), then strip outputs and execution counts.
 strip: install
-	$(PY) scripts/strip_notebooks.py notebooks/*.ipynb
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+	$(VENV)/bin/nbstripout notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

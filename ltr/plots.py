@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .config import PRESETS
 from .data import LtrError, class_groups, long_tail_counts
 from .rundir import read_json, write_atomic
 
@@ -167,6 +168,21 @@ def run_label(run: RunLike) -> str:
     return f"{prefix}+ {' & '.join(parts)}"
 
 
+def _tuned_wd(s1: dict) -> bool:
+    """WB's tuned weight decay, or a preset's own tuned value on that preset's backbone and schedule."""
+    wd = float(s1.get("wd", 0.0))
+    if math.isclose(wd, WB_STAGE1_WD):
+        return True
+    # The cpu preset retunes weight decay for its shorter, faster schedule: its tuned model is WB's
+    # "WD tuned" row in that recipe, and only there (the same wd on another recipe is just a sweep point).
+    for preset in PRESETS.values():
+        fields = {k: v for k, v in preset["stage1"].items() if k != "eval_every"}
+        if "wd" in fields and math.isclose(wd, fields["wd"]) and all(
+                s1.get(k) == v for k, v in fields.items() if k != "wd"):
+            return True
+    return False
+
+
 def table1_row(run: RunLike) -> str | None:
     """The name of WB's Table 1 row whose recipe this run follows (CIFAR100-LT IF100), or None."""
     run = _load(run)
@@ -176,8 +192,7 @@ def table1_row(run: RunLike) -> str | None:
         return None
     if s1.get("method", "ce") != "ce":
         return None
-    s1_wd = float(s1.get("wd", 0.0))
-    naive, tuned = s1_wd == 0, math.isclose(s1_wd, WB_STAGE1_WD)
+    naive, tuned = float(s1.get("wd", 0.0)) == 0, _tuned_wd(s1)
     if run["stage"] == "stage1":
         return "WD=0 (w/ CE)" if naive else "WD tuned (w/ CE)" if tuned else None
     if cfg.get("posthoc") == "tau-norm":

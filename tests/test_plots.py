@@ -172,6 +172,11 @@ def test_table1_rows_and_labels() -> None:
     assert plots.table1_row(_fake("stage1", naive)) == "WD=0 (w/ CE)"
     assert plots.table1_row(_fake("stage1", {**tuned, "imbalance": 50.0})) is None
     assert plots.table1_row(_fake("stage1", {**naive, "wd": 1e-3})) is None
+    # The cpu preset's own tuned weight decay counts as "tuned" on the cpu recipe, and only there.
+    cpu = {**naive, **asdict(preset_config("stage1", "cpu"))}
+    assert plots.table1_row(_fake("stage1", cpu)) == "WD tuned (w/ CE)"
+    assert plots.table1_row(_fake("stage2", {"posthoc": "l2norm"}, cpu)) == "+ L2norm"
+    assert plots.table1_row(_fake("stage1", {**cpu, "epochs": 200})) is None
     assert plots.table1_row(_fake("stage2", {"posthoc": "tau-norm", "tau": 1.9}, naive)) == "WD=0 + tau-norm"
     assert plots.table1_row(_fake("stage2", {"posthoc": "tau-norm", "tau": 1.5}, tuned)) is None
     assert plots.table1_row(_fake("stage2", {"posthoc": "l2norm"}, tuned)) == "+ L2norm"
