@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -128,6 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(t, "table1", "")
     t.add_argument("--imbalance", nargs="+", default=["100"], help="imbalance factors (default: 100)")
     t.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10 (WB's tables: cifar100)")
+    t.add_argument("--tuned", nargs="+", default=None, metavar="SWEEP_DIR",
+                   help="use the values these sweeps chose on validation (ltr sweep) instead of the paper's; "
+                        "writes table1-tuned.md / .csv beside table1.md")
+
+    from .sweep import KINDS
+
+    w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
+    w.add_argument("kind", choices=list(KINDS), help="stage1-wd: one stage-1 run per value; tau: post-hoc "
+                   "tau-norm; maxnorm / stage2-wd: the threshold / weight decay of + CB & WD & Max")
+    w.add_argument("--values", type=float, nargs="*", default=None,
+                   help="grid values (default: WB Figure 4's 0 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 for stage1-wd; "
+                        "0 to 3 for tau); with --search bayes, min and max give the range")
+    w.add_argument("--search", default="grid", choices=["grid", "bayes"],
+                   help="grid (default) or bayes: Optuna's TPE, resumable (pip install 'ltr[tune]')")
+    w.add_argument("--trials", type=int, default=20, help="--search bayes: trials (default 20)")
+    w.add_argument("--from", dest="from_run", default=None,
+                   help="tau / maxnorm / stage2-wd: start from this finished stage-1 run (default: the "
+                        "preset's tuned-weight-decay run in OUT/stage1, trained if missing)")
+    w.add_argument("--imbalance", default="100", help="imbalance factor (default 100)")
+    w.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10")
+    w.add_argument("--tta", default="flip", choices=["flip", "plain"],
+                   help="evaluation the choice uses (default flip, as Table 1)")
+    w.add_argument("--sweep-dir", default=None,
+                   help="where sweep.csv / .md / .json / .png go (default: OUT/sweep-KIND[-bayes])")
+    _add_plan(w, "table1", "; the runs live beside Table 1's, so its finished runs are reused")
+    # argparse takes "-1e-3" for an option (only "-1" / "-0.5" count as numbers); let it reach the
+    # value check, which names the problem, instead of "unrecognized arguments".
+    w._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
 
     from . import bench
 
@@ -258,8 +287,21 @@ def _table1(args: argparse.Namespace) -> int:
 
     imbalances = [check_imbalance(i) for i in args.imbalance]
     out = _plan_out(args, "table1")
-    files = run_table(out=out, imbalances=imbalances, dataset=args.dataset, **_plan_kwargs(args))
-    return _print_plan(out, "table1.md", files)
+    files = run_table(out=out, imbalances=imbalances, dataset=args.dataset, tuned=args.tuned or (),
+                      **_plan_kwargs(args))
+    return _print_plan(out, "table1-tuned.md" if args.tuned else "table1.md", files)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    out = _plan_out(args, "table1")
+    files = run_sweep(args.kind, values=args.values, out=out, imbalance=check_imbalance(args.imbalance),
+                      dataset=args.dataset, from_run=args.from_run, search=args.search, trials=args.trials,
+                      tta=args.tta, sweep_dir=args.sweep_dir, **_plan_kwargs(args))
+    print(files["sweep.md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -281,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             return _table1(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "bench":
             from . import bench
 

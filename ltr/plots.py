@@ -502,6 +502,56 @@ def plot_group_accuracy(
     return _finish(fig, title, save)
 
 
+def plot_sweep(
+    summary: pd.DataFrame,
+    field: str,
+    label: str,
+    chosen: float,
+    paper: float,
+    log: bool = True,
+    preset_value: float | None = None,
+    preset: str = "paper",
+    synthetic: bool = False,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Validation and held-out accuracy (All, Many, Medium, Few) against a swept value (ltr.sweep).
+
+    summary has one row per value with {val,heldout}_{group}_{mean,std}; the chosen value and WB's (and
+    the preset's, where it differs) are marked. A log quantity with a 0 among its values gets a symlog
+    axis, linear below the smallest positive value, so that 0 shows.
+    """
+    keys = ("all", *GROUPS)
+    x = summary["value"].to_numpy(dtype=float)
+    fig = _figure((12.0, 3.6))
+    axes = fig.subplots(1, len(keys), sharex=True)
+    for ax, g in zip(axes, keys, strict=True):
+        for split, style, name in (("val", "-o", "validation"), ("heldout", "--s", "held-out")):
+            y = summary[f"{split}_{g}_mean"].to_numpy(dtype=float)
+            err = summary[f"{split}_{g}_std"].fillna(0).to_numpy(dtype=float)
+            ax.errorbar(x, y, yerr=err if err.any() else None, fmt=style, ms=4, capsize=2, label=name)
+        ax.axvline(chosen, color="tab:green", lw=1.5, label=f"chosen on validation ({chosen:g})")
+        ax.axvline(paper, color="0.3", ls=":", lw=1.5, label=f"WB ({paper:g})")
+        if preset_value is not None and not math.isclose(preset_value, paper):
+            ax.axvline(preset_value, color="tab:purple", ls="-.", lw=1.2,
+                       label=f"preset {preset} ({preset_value:g})")
+        if log:
+            positive = x[x > 0]
+            if (x <= 0).any() and len(positive):
+                ax.set_xscale("symlog", linthresh=float(positive.min()))
+            elif len(positive) == len(x):
+                ax.set_xscale("log")
+        ax.set_title(GROUP_TITLES[g], fontsize=9)
+        ax.set_xlabel(field)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy, %")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
+    if synthetic:
+        note += " [SYNTHETIC data: describes the code, not the paper]"
+    return _finish(fig, (title or f"{label}: chosen on validation, reported on held-out") + note, save)
+
+
 def run_figures(run_dir: str | os.PathLike) -> list[Path]:
     """Write the per-run PNG figures into a finished run directory; returns their paths."""
     run_dir = Path(run_dir)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .config import PRESETS, Stage1Config, preset_config, run_name, stage2_name
 from .data import LtrError, load_cifar_lt, resolve_device
@@ -73,6 +74,7 @@ class Row:
     name: str  # row label (as in WB Table 1 where the row is one of WB's)
     stage1: str  # a key of STAGE1_KINDS: "naive", "wd", "aux-balanced", "aux-balanced-rotation"
     stage2: dict = field(default_factory=dict)  # Stage2Config fields; empty = the stage-1 model
+    stage1_fields: dict = field(default_factory=dict)  # Stage1Config fields over the kind's (tuned values)
 
 
 TABLE1_ROWS: tuple[Row, ...] = (
@@ -104,12 +106,12 @@ class PlannedRun:
 
 
 def stage1_config(kind: str, preset: str, imbalance: float, seed: int,
-                  dataset: str = "cifar100") -> Stage1Config:
+                  dataset: str = "cifar100", **fields_: object) -> Stage1Config:
     """The stage-1 config of a row's kind (STAGE1_KINDS), e.g. naive (wd 0) or tuned weight decay (5e-3)."""
     if kind not in STAGE1_KINDS:
         raise LtrError(f"unknown stage-1 kind {kind!r}; choose one of {sorted(STAGE1_KINDS)}")
     cfg = preset_config("stage1", preset, dataset=dataset, imbalance=float(imbalance), seed=seed)
-    return replace(cfg, **STAGE1_KINDS[kind])
+    return replace(cfg, **{**STAGE1_KINDS[kind], **fields_})
 
 
 def plan(rows: tuple[Row, ...], out: Path, preset: str, imbalances: list[float], seeds: list[int],
@@ -120,7 +122,7 @@ def plan(rows: tuple[Row, ...], out: Path, preset: str, imbalances: list[float],
     for imb in imbalances:
         for seed in seeds:
             for row in rows:
-                s1 = stage1_config(row.stage1, preset, imb, seed, dataset)
+                s1 = stage1_config(row.stage1, preset, imb, seed, dataset, **row.stage1_fields)
                 s1_dir = out / "stage1" / run_name(s1)
                 runs.setdefault(s1_dir, PlannedRun(s1_dir, "stage1", s1, imb))
                 target = s1_dir
@@ -170,8 +172,6 @@ def run_plan(
     jobs > 1 trains independent runs at once in that many worker processes (ltr.jobs); the run
     directories are the same as with jobs=1.
     """
-    from tqdm.auto import tqdm
-
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise LtrError(f"--seeds {seeds} lists a seed twice; give each seed once")
@@ -193,9 +193,24 @@ def run_plan(
     data = {imb: load_cifar_lt(root, dataset, imb, download=download) for imb in imbalances}
     _claim_out(out, preset, dataset)
     runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
+    train_runs(runs, data, dev, root, dataset, compile=compile, precision=precision, jobs=jobs,
+               progress=progress, desc=f"{desc} ({preset})")
+    return where, seeds, imbalances
+
+
+def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str | os.PathLike,
+               dataset: str, compile: bool = False, precision: str = "auto", jobs: int = 1,
+               progress: bool = True, desc: str = "runs") -> None:
+    """Train planned runs (stage 1 before the stage 2 on top), finished ones skipped, others resumed.
+
+    data maps each imbalance factor to its loaded LTData; jobs > 1 trains independent runs at once in
+    that many worker processes (ltr.jobs), into the same run directories as jobs=1.
+    """
+    from tqdm.auto import tqdm
+
     common = dict(root=root, device=str(dev), compile=compile, precision=precision,
                   ckpt_every=1 if dev.type == "cpu" else 10)
-    bar = tqdm(total=len(runs), desc=f"{desc} ({preset})", unit="run", disable=not progress)
+    bar = tqdm(total=len(runs), desc=desc, unit="run", disable=not progress)
     try:
         if jobs > 1:
             run_parallel(runs, jobs, dev, root, dataset, common, bar)
@@ -207,7 +222,6 @@ def run_plan(
                 bar.update(1)
     finally:
         bar.close()
-    return where, seeds, imbalances
 
 
 def run_table(
@@ -226,13 +240,26 @@ def run_table(
     figures: bool = True,
     precision: str = "auto",
     jobs: int = 1,
+    tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
 ) -> dict[str, Path]:
-    """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files."""
+    """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files.
+
+    tuned: sweep directories (ltr.sweep) whose validation-chosen values replace the paper's; the table
+    is then written as table1-tuned.md / .csv beside the paper-valued one, and its header says so.
+    """
+    suffix, header = "", ""
+    if tuned:
+        from .sweep import tune_rows
+
+        imbalances = [float(i) for i in imbalances]
+        rows, header = tune_rows(rows, tuned, preset, dataset, imbalances)
+        suffix = "-tuned"
     where, seeds, imbalances = run_plan(
         rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress, allow_cpu,
         precision=precision, jobs=jobs,
     )
-    return write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures)
+    return write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures,
+                        suffix=suffix, header=header)
 
 
 # ---------------------------------------------------------------- tables
@@ -383,25 +410,30 @@ def markdown_table2(df: pd.DataFrame, tta: str, preset: str) -> str:
 
 def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int], imbalances: list[float],
                  preset: str, dataset: str = "cifar100", tta: str = "flip",
-                 figures: bool = True) -> dict[str, Path]:
-    """table1.csv / table1.md (and table2.md for several imbalance factors) plus figures."""
+                 figures: bool = True, suffix: str = "", header: str = "") -> dict[str, Path]:
+    """table1{suffix}.csv / .md (and table2{suffix}.md for several imbalance factors) plus figures.
+
+    suffix keeps a variant apart from the paper-valued table in the same folder (e.g. "-tuned");
+    header is markdown put above the tables (what differs from the paper's recipe).
+    """
     df = collect(rows, where, seeds, imbalances, dataset)
-    files = {"table1.csv": out / "table1.csv", "table1.md": out / "table1.md"}
-    write_atomic(files["table1.csv"], df.to_csv(index=False))
+    t1, t2 = f"table1{suffix}", f"table2{suffix}"
+    files = {f"{t1}.csv": out / f"{t1}.csv", f"{t1}.md": out / f"{t1}.md"}
+    write_atomic(files[f"{t1}.csv"], df.to_csv(index=False))
     main_imb = 100.0 if 100.0 in imbalances else imbalances[0]
     md = [markdown_table1(df, i, tta, preset, seeds, dataset)
           for i in [main_imb] + [i for i in imbalances if i != main_imb]]
-    write_atomic(files["table1.md"], synthetic_note(where) + "\n".join(md))
+    write_atomic(files[f"{t1}.md"], synthetic_note(where) + header + "\n".join(md))
     if len(imbalances) > 1:
-        files["table2.md"] = out / "table2.md"
-        write_atomic(files["table2.md"], markdown_table2(df, tta, preset))
-    write_json(out / "runs.json", {
+        files[f"{t2}.md"] = out / f"{t2}.md"
+        write_atomic(files[f"{t2}.md"], header + markdown_table2(df, tta, preset))
+    write_json(out / f"runs{suffix}.json", {
         "preset": preset, "seeds": seeds, "imbalances": imbalances,
         "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
         "rows": [asdict(r) for r in rows],
     })
     if figures:
-        files.update(table_figures(rows, out, where, seeds[0], main_imb, preset))
+        files.update(table_figures(rows, out, where, seeds[0], main_imb, preset, folder=f"figures{suffix}"))
     return files
 
 
