@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .data import DataError, LtrError, load_cifar_lt  # noqa: E402
+from .sweep import run_sweep  # noqa: E402
 from .train import (  # noqa: E402
     Stage1Config,
     Stage2Config,
@@ -19,6 +20,7 @@ __all__ = [
     "Stage2Config",
     "load_cifar_lt",
     "preset_config",
+    "run_sweep",
     "stage2_from",
     "train_stage1",
     "train_stage2",

@@ -188,6 +188,25 @@ def show_reference(ref: str | os.PathLike, rows: Sequence[str],
         reference_change(ref, before, after)
 
 
+def show_sweep(sweep_dir: str | os.PathLike, what: str = "this sweep") -> dict | None:
+    """Display a sweep's (ltr.sweep) choice, held-out lines and figure; its sweep.json, or None (said)."""
+    sdir = Path(sweep_dir)
+    if not (sdir / "sweep.json").is_file():
+        print(f"No sweep in {sdir} (no sweep.json): `python -m ltr sweep ...` writes one.")
+        return None
+    from IPython.display import Image, Markdown, display
+
+    info = read_json(sdir / "sweep.json")
+    md = (sdir / "sweep.md").read_text()
+    # The summary lines (chosen, WB's value, the gap) without the per-value table below them.
+    summary = [line for line in md.splitlines() if line.startswith(("- ", "**", "# "))]
+    display(Markdown(f"**{what}** (`{sdir}`)\n\n" + "\n".join(
+        line.replace("# Sweep:", "Sweep:") for line in summary)))
+    if (sdir / "sweep.png").is_file():
+        display(Image(filename=str(sdir / "sweep.png")))
+    return info
+
+
 def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> dict[int, float] | None:
     """Training minutes a reference spent on these rows' runs, per seed (from their metrics.json), printed."""
     ref = Path(ref)

@@ -351,7 +351,8 @@ def run_sweep(
     if not len(data[imbalance].val_idx) or not len(data[imbalance].heldout_idx):
         raise LtrError(f"the test set in {root} has no images beyond the first {VAL_PER_CLASS} of each "
                        "class: a sweep needs both validation (those) and held-out images (the rest)")
-    _claim_out(out, preset, dataset)
+    if (out / "table.json").exists():  # a table folder of another preset keeps its runs apart
+        _claim_out(out, preset, dataset)
     sdir.mkdir(parents=True, exist_ok=True)
     info = {"kind": k.name, "field": k.field, "stage": k.stage, "row": k.row, "search": search,
             "preset": preset, "dataset": dataset, "imbalance": imbalance, "seeds": seeds, "tta": tta,
