@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from .config import PRESETS
 from .data import LtrError, class_groups, long_tail_counts
@@ -541,6 +541,9 @@ def plot_sweep(
                 ax.set_xscale("symlog", linthresh=float(positive.min()))
             elif len(positive) == len(x):
                 ax.set_xscale("log")
+            if len(x) <= 10:  # label the swept values themselves, not the decades around them
+                ax.set_xticks(x, [f"{v:g}" for v in x], rotation=60, fontsize=7)
+                ax.xaxis.set_minor_locator(NullLocator())
         ax.set_title(GROUP_TITLES[g], fontsize=9)
         ax.set_xlabel(field)
         ax.grid(alpha=0.3)
