@@ -269,8 +269,9 @@ notebook_tools.show_reference(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
 # held-out split** (the other 80), for the chosen value and for WB's. The two models above are two of
 # its points and are reused, not retrained.
 #
-# **This is the long cell.** It trains five more stage-1 models: a few minutes with `smoke`, about an
-# hour with `cpu` on a 2-core CPU (the README's Notebooks section has the measured time). Pass
+# **This is the long cell.** It trains five more stage-1 models: a few minutes with `smoke`, about 50
+# minutes with `cpu` on a 2-core CPU (the committed reference sweep's runs took about 10 minutes each;
+# the README's Notebooks section has the measurements). Pass
 # `values=[0, 5e-4, 2e-3]` for a shorter sweep, or skip the cell and read the committed one of the `cpu`
 # preset in the cell after it.
 #
