@@ -96,11 +96,6 @@ def check_values(kind: SweepKind, values: Sequence[float] | None) -> list[float]
     return sorted(set(vals))
 
 
-def paper_value(kind: SweepKind) -> float:
-    """WB's value of the swept field."""
-    return kind.paper
-
-
 def preset_value(kind: SweepKind, preset: str) -> float:
     """The value a preset's Table 1 uses (the cpu preset tunes its own stage-1 weight decay)."""
     if kind.stage == "stage1":
@@ -357,7 +352,7 @@ def run_sweep(
     info = {"kind": k.name, "field": k.field, "stage": k.stage, "row": k.row, "search": search,
             "preset": preset, "dataset": dataset, "imbalance": imbalance, "seeds": seeds, "tta": tta,
             "from_run": str(from_run) if from_run is not None else None, "out": str(out),
-            "paper": paper_value(k), "preset_value": preset_value(k, preset),
+            "paper": k.paper, "preset_value": preset_value(k, preset),
             "objective": f"validation All ({tta}), mean over seeds"}
     train = dict(compile=compile, precision=precision, jobs=jobs, progress=progress)
     if search == "grid":
