@@ -1,4 +1,5 @@
-"""Per-class and Many/Medium/Few accuracy, flip averaging, marginal likelihood, weight norms."""
+"""Per-class and Many/Medium/Few accuracy, flip averaging, marginal likelihood, weight norms, and the
+feature analysis of Hasegawa & Sato (Fisher discriminant ratio, cone effect)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,121 @@ def predict_logits(
         outs.append(logits)
     model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+@torch.no_grad()
+def predict_with_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plain logits, flip-averaged logits, plain pooled features), float32, from one pass per view.
+
+    Needs a model with `features` and `fc` (every backbone here); the features are what `fc` reads.
+    """
+    was_training = model.training
+    model.eval()
+    plain, flipped, feats = [], [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        with autocast(x.device.type, dtype):
+            f = model.features(x)
+            logits = model.fc(f).float()
+            mirror = model.fc(model.features(torch.flip(x, dims=[3]))).float()
+        feats.append(f.float())
+        plain.append(logits)
+        flipped.append(0.5 * (logits + mirror))
+    model.train(was_training)
+    if not plain:
+        empty = torch.zeros(0)
+        return empty, empty, empty
+    return torch.cat(plain), torch.cat(flipped), torch.cat(feats)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 1024,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pooled penultimate features (after the last ReLU) of uint8 images, eval mode, float32."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        with autocast(x.device.type, dtype):
+            outs.append(model.features(x).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _class_index(features: torch.Tensor, labels: torch.Tensor,
+                 what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features as float64 n x d, labels remapped to 0..k-1), after checking the shapes agree."""
+    if features.dim() != 2 or labels.dim() != 1 or len(features) != len(labels):
+        raise ValueError(f"{what} needs features (n x d) and labels (n,) of the same n; got "
+                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    _, inverse = torch.unique(labels.cpu(), return_inverse=True)
+    return features.detach().cpu().double(), inverse
+
+
+def fisher_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fisher discriminant ratio Tr(S_W^+ S_B) of features by class, in float64.
+
+    S_B = sum_c n_c (mu_c - mu)(mu_c - mu)^T and S_W = sum_c sum_{i in c} (x_i - mu_c)(x_i - mu_c)^T.
+    S_W is inverted with the Moore-Penrose pseudo-inverse (symmetric eigendecomposition, eigenvalues
+    below d * eps * the largest treated as zero), so dead ReLU units (all-zero feature dimensions)
+    drop out instead of making the ratio infinite. Needs two classes and two samples in every class.
+    """
+    x, y = _class_index(features, labels, "fisher_ratio")
+    k = int(y.max()) + 1 if len(y) else 0
+    if k < 2:
+        raise ValueError(f"fisher_ratio needs at least two classes; got {k}")
+    n_c = torch.bincount(y, minlength=k)
+    if int(n_c.min()) < 2:
+        lonely = torch.nonzero(n_c < 2).flatten().tolist()
+        raise ValueError(f"fisher_ratio needs at least two samples per class; {len(lonely)} class(es) "
+                         "have one (pass more samples, or drop those classes)")
+    mu = x.mean(0)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, y, x)
+    mu_c = sums / n_c[:, None].double()
+    centred = x - mu_c[y]
+    s_w = centred.T @ centred
+    between = (mu_c - mu) * n_c[:, None].double().sqrt()
+    s_b = between.T @ between
+    return float(torch.trace(torch.linalg.pinv(s_w, hermitian=True) @ s_b))
+
+
+def cone_effect(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """Mean cosine similarity of two different samples' features: all pairs, same class, other classes.
+
+    Computed from per-class sums of the unit-normalised features (sum_{i != j} u_i.u_j = |sum u|^2 -
+    sum |u_i|^2), never the n x n matrix. A zero feature vector counts as similarity 0 with everything.
+    `same` is None when no class has two samples, `different` when there is one class.
+    """
+    x, y = _class_index(features, labels, "cone_effect")
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"cone_effect needs at least two samples; got {n}")
+    u = torch.nn.functional.normalize(x, dim=1)
+    self_dot = (u * u).sum(1)  # 1, or 0 for a zero vector
+    k = int(y.max()) + 1
+    n_c = torch.bincount(y, minlength=k).double()
+    s_c = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, y, u)
+    self_c = torch.zeros(k, dtype=x.dtype).index_add_(0, y, self_dot)
+    total = float(s_c.sum(0).square().sum() - self_dot.sum())
+    same = float((s_c.square().sum(1) - self_c).sum())
+    same_pairs = float((n_c * (n_c - 1)).sum())
+    diff_pairs = float(n * (n - 1)) - same_pairs
+    return {
+        "all": total / (n * (n - 1)),
+        "same": same / same_pairs if same_pairs else None,
+        "different": (total - same) / diff_pairs if diff_pairs else None,
+    }
+
+
+def feature_analysis(features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What metrics.json records of a feature set: its Fisher ratio and cone effect."""
+    return {"fdr": fisher_ratio(features, labels), "cone": cone_effect(features, labels)}
 
 
 def per_class_accuracy(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

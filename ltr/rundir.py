@@ -169,7 +169,9 @@ def write_history(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    # The union of the rows' columns: a run resumed from an older checkpoint gains columns mid-way.
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(path, buf.getvalue())

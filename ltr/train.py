@@ -37,7 +37,15 @@ from .methods import (
     cosine_step,
     plain_step,
 )
-from .metrics import evaluate, per_class_accuracy, predict_logits, weight_norms
+from .metrics import (
+    evaluate,
+    extract_features,
+    feature_analysis,
+    fisher_ratio,
+    per_class_accuracy,
+    predict_with_features,
+    weight_norms,
+)
 from .models import build_model
 from .precision import autocast, autocast_dtype, check_precision, grad_scaler, resolve_precision
 from .regularizers import (
@@ -231,11 +239,19 @@ def _fit(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.epochs:
-            logits = job.predict(False) if job.predict else predict_logits(model, test_x, dtype=dtype)
-            preds = logits.argmax(1)
-            row["test_acc"] = round(
-                float(per_class_accuracy(preds, test_y, data.num_classes).nanmean()), 4
-            )
+            # Plain and flip-averaged accuracy at every evaluated epoch (WB's reported figure is the flip
+            # accuracy of the epoch with the best plain accuracy), and the test features' Fisher ratio
+            # from the same pass (no second pass over the data).
+            feats = None
+            if job.predict is not None:
+                logits, flip_logits = job.predict(False), job.predict(True)
+            else:
+                logits, flip_logits, feats = predict_with_features(model, test_x, dtype=dtype)
+            for key, out_logits in (("test_acc", logits), ("test_acc_flip", flip_logits)):
+                row[key] = round(float(
+                    per_class_accuracy(out_logits.argmax(1), test_y, data.num_classes).nanmean()), 4)
+            if feats is not None:
+                row["test_fdr"] = _fdr_or_blank(feats, test_y)
         norms = class_norms().cpu().tolist()
         row.update({f"wn_{c}": round(v, 6) for c, v in enumerate(norms)})
         history.append(row)
@@ -251,6 +267,29 @@ def _fit(
     if start >= job.epochs or job.epochs == 0:
         save(job.epochs)
     return True
+
+
+def _fdr_or_blank(feats: torch.Tensor, labels: torch.Tensor) -> float | str:
+    """The Fisher ratio rounded for history.csv, or "" where it is undefined (a class with one sample)."""
+    try:
+        return round(fisher_ratio(feats, labels), 4)
+    except ValueError:
+        return ""
+
+
+def stage1_feature_analysis(model: nn.Module, data: LTData, test_x: torch.Tensor, test_y: torch.Tensor,
+                            precision: str) -> dict:
+    """Fisher ratio and cone effect of the test features and the un-augmented training features."""
+    dtype = autocast_dtype(precision)
+    out: dict = {}
+    train_x = torch.as_tensor(data.train_x, device=test_x.device)
+    train_y = torch.as_tensor(data.train_y, device=test_x.device)
+    for split, (x, y) in (("test", (test_x, test_y)), ("train", (train_x, train_y))):
+        try:
+            out[split] = feature_analysis(extract_features(model, x, dtype=dtype), y)
+        except ValueError as exc:  # a class with one sample (tiny synthetic data): say why, no NaN
+            out[split] = {"error": str(exc)}
+    return out
 
 
 def _finish(
@@ -398,7 +437,8 @@ def train_stage1(
         return _finish(
             out, model, data, test_x, test_y, precision,
             {"stage": "stage1", "name": out.name, "epochs": cfg.epochs, "method": cfg.method,
-             "train_seconds": round(time.perf_counter() - t0, 2)},
+             "train_seconds": round(time.perf_counter() - t0, 2),
+             "features": stage1_feature_analysis(model, data, test_x, test_y, precision)},
         )
 
 

@@ -185,3 +185,18 @@ def test_compiled_training_compiles_once_over_three_epochs(small_root: Path, tmp
     assert counter.frame_count == 1  # compiled once, for the full batch, and never again
     assert json.loads((tmp_path / "c" / "config.json").read_text())["runtime"]["compile"] is True
     assert m["plain"]["all"] > 20
+
+
+def test_stage1_records_feature_analysis_and_flip_history(small_root: Path, tmp_path: Path) -> None:
+    m = _run(small_root, tmp_path / "run")
+    feats = m["features"]
+    for split in ("test", "train"):
+        assert feats[split]["fdr"] > 0
+        assert set(feats[split]["cone"]) == {"all", "same", "different"}
+        assert feats[split]["cone"]["same"] > feats[split]["cone"]["different"]  # learnable colours
+    import pandas as pd
+
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert {"test_acc", "test_acc_flip", "test_fdr"} <= set(hist.columns)
+    assert hist["test_fdr"].notna().all() and (hist["test_fdr"] > 0).all()
+    assert hist["test_acc_flip"].iloc[-1] == pytest.approx(m["flip"]["all"], abs=1e-3)
