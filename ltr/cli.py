@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import PRESETS
+from .config import MLA_TAU, PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
 from .precision import PRECISIONS
 
@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     s1 = sub.add_parser("stage1", help="feature learning: train a backbone (CE, or aux-balanced)")
     s1.add_argument("--method", default=None,
                     help="ce (WB) | aux-balanced (balanced main head + instance auxiliary head; "
-                         "our reading of Zhang et al.)")
+                         "our reading of Zhang et al.) | etf-fr (Hasegawa & Sato's one-stage recipe: fixed "
+                         "simplex-ETF classifier, learnable bias, feature regularisation)")
+    s1.add_argument("--feature-reg", type=float, default=None,
+                    help="etf-fr: loss = CE + this * batch mean of ||f||^2 / 2 (default 0.01)")
     s1.add_argument("--aux-weight", type=float, default=None,
                     help="aux-balanced: lambda of loss = CE_balanced + lambda * CE_instance (default 1)")
     s1.add_argument("--ssl", default=None, help="aux-balanced: rotation = add a 4-way rotation head")
@@ -106,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--pgd-every", default=None, help="step | epoch: when MaxNorm projects")
     s2.add_argument("--unit-norm", action="store_true", default=None, help="keep rows at unit norm")
     s2.add_argument("--posthoc", default=None,
-                    help="l2norm | tau-norm | logit-adjust (bias - la_tau * log prior): no training")
-    s2.add_argument("--tau", type=float, default=None, help="tau of tau-norm (1.9)")
+                    help="l2norm | tau-norm | logit-adjust (bias - la_tau * log prior) | mla (multiplicative"
+                         " logit adjustment: every logit divided by prior ** tau; Hasegawa & Sato's second "
+                         "step for an etf-fr model, plain multiplicative adjustment on any other): "
+                         "no training")
+    s2.add_argument("--tau", type=float, default=None,
+                    help="tau of tau-norm (default 1.9) or of --posthoc mla (default 0.65)")
     s2.add_argument("--la-tau", type=float, default=None,
                     help="tau of --posthoc logit-adjust and --loss la (default 1)")
     s2.add_argument("--lws", action="store_true", default=None,
@@ -137,16 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
     w.add_argument("kind", choices=list(KINDS), help="stage1-wd: one stage-1 run per value; tau: post-hoc "
-                   "tau-norm; maxnorm / stage2-wd: the threshold / weight decay of + CB & WD & Max")
+                   "tau-norm; maxnorm / stage2-wd: the threshold / weight decay of + CB & WD & Max; mla-tau: "
+                   "the tau of the one-stage recipe's multiplicative logit adjustment (on the etf-fr model)")
     w.add_argument("--values", type=float, nargs="*", default=None,
-                   help="grid values (default: WB Figure 4's 0 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 for stage1-wd; "
-                        "0 to 3 for tau); with --search bayes, min and max give the range")
+                   help="grid values (default: WB Figure 4's 0 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 for stage1-wd;"
+                        " 0 to 3 for tau; 0 to 2 for mla-tau); with --search bayes, min and max give the "
+                        "range")
     w.add_argument("--search", default="grid", choices=["grid", "bayes"],
                    help="grid (default) or bayes: Optuna's TPE, resumable (pip install 'ltr[tune]')")
     w.add_argument("--trials", type=int, default=20, help="--search bayes: trials (default 20)")
     w.add_argument("--from", dest="from_run", default=None,
-                   help="tau / maxnorm / stage2-wd: start from this finished stage-1 run (default: the "
-                        "preset's tuned-weight-decay run in OUT/stage1, trained if missing)")
+                   help="tau / maxnorm / stage2-wd / mla-tau: start from this finished stage-1 run "
+                        "(default: the preset's run in OUT/stage1, trained if missing: the tuned-weight-"
+                        "decay model, or the etf-fr model for mla-tau)")
     w.add_argument("--imbalance", default="100", help="imbalance factor (default 100)")
     w.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10")
     w.add_argument("--tta", default="flip", choices=["flip", "plain"],
@@ -239,6 +249,8 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
             if fields.get("sampling") not in (None, "balanced"):
                 raise LtrError("--crt retrains on class-balanced batches; drop --sampling instance")
             fields.update(sampling="balanced", reinit=True)
+        if fields.get("posthoc") == "mla" and fields.get("tau") is None:
+            fields["tau"] = MLA_TAU  # Hasegawa & Sato's tau for CIFAR100-LT, not tau-norm's 1.9
         if fields.get("lws") and fields.get("sampling") is None:
             fields["sampling"] = "balanced"  # Kang et al. learn the scales on class-balanced batches
     cfg = train.preset_config(stage, args.preset, **fields)

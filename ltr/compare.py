@@ -1,5 +1,6 @@
-"""WB beside its neighbours on one backbone and budget: aux-balanced (our reading of Zhang et al.) and the
-decoupling / loss baselines (cRT, LWS, logit adjustment, balanced softmax, LDAM-DRW).
+"""WB beside its neighbours on one backbone and budget: aux-balanced (our reading of Zhang et al.), the
+decoupling / loss baselines (cRT, LWS, logit adjustment, balanced softmax, LDAM-DRW) and Hasegawa & Sato's
+one-stage recipe (our implementation).
 
 Planning, running, resume and figures are the Table 1 runner's (ltr.tables); this module only picks the
 rows and writes compare.csv / compare.md. A cell of ours is the mean (± std) over the seeds that a run in
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import preset_config
+from .config import MLA_TAU, preset_config
 from .rundir import write_atomic, write_json
 from .tables import (
     BEST_NOTE,
     GROUPS,
+    ONE_STAGE_ROW,
     PAPER_PEERS,
     PAPER_TABLE1,
     Row,
@@ -49,6 +51,9 @@ COMPARE_ROWS: tuple[Row, ...] = (
     # one run serves both names.
     Row("+ logit-adjusted loss (tau=1) = balanced softmax", "wd", {"loss": "la", "la_tau": 1.0}),
     Row("+ LDAM-DRW", "wd", {"loss": "ldam-drw"}),
+    # Hasegawa & Sato's one-stage recipe: its stage-1 model alone, then with the post-hoc adjustment.
+    Row("ETF + feature reg., before MLA (our implementation)", "etf-fr"),
+    ONE_STAGE_ROW,
 )
 
 
@@ -62,6 +67,7 @@ class Published:
 
 
 OUR_READING = "our reading, no published number"
+OUR_IMPLEMENTATION = "our implementation of Hasegawa & Sato (ICLR 2024), no published number quoted"
 
 PUBLISHED: dict[str, Published] = {
     "WD=0 (w/ CE)": Published("WD=0 (w/ CE)", "CE"),
@@ -75,6 +81,8 @@ PUBLISHED: dict[str, Published] = {
     "+ logit-adjusted loss (tau=1) = balanced softmax": Published(
         peer="LogitAdjust", note="WB Table 2 does not say which LogitAdjust variant it quotes"),
     "+ LDAM-DRW": Published(peer="LDAM-DRW"),
+    "ETF + feature reg., before MLA (our implementation)": Published(note=OUR_IMPLEMENTATION),
+    ONE_STAGE_ROW.name: Published(note=OUR_IMPLEMENTATION),
 }
 
 # What each stage-1 kind is, in words, for the table's "stage 1" column.
@@ -83,6 +91,7 @@ STAGE1_WORDS = {
     "wd": "CE, WD={wd:g}",
     "aux-balanced": "aux-balanced, WD={wd:g}",
     "aux-balanced-rotation": "aux-balanced + rotation, WD={wd:g}",
+    "etf-fr": "fixed ETF + feature reg., WD={wd:g}",
 }
 
 
@@ -148,7 +157,11 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int]) 
         "training (Menon et al.); logit-adjusted loss = CE on z + tau log p(y) (Menon et al.), which at "
         "tau = 1 is balanced softmax (Ren et al.); LDAM-DRW = cosine classifier, s = 30, margins "
         "proportional to n_c^(-1/4) with the largest 0.5, class-balanced weights (beta 0.9999) from the "
-        "second half of the epochs on (Cao et al.). Priors p(c) are the training counts.",
+        "second half of the epochs on (Cao et al.); Hasegawa & Sato one-stage = stage 1 with a fixed, "
+        "untrained simplex-ETF classifier (unit rows, randomly rotated into feature space), a learnable bias "
+        "and CE + 0.01 x batch mean of ||f||^2 / 2 (the preset's weight decay on every trained parameter), "
+        f"then every logit divided by p(c)^{MLA_TAU:g}, no training (our implementation, on this table's "
+        "backbone and schedule, not theirs). Priors p(c) are the training counts.",
         "",
     ]
     return "\n".join(lines)

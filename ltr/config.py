@@ -8,13 +8,15 @@ from dataclasses import dataclass, fields
 from .data import LtrError, check_imbalance, dataset_info
 from .models import MODELS
 
-STAGE1_METHODS = ("ce", "aux-balanced")
+STAGE1_METHODS = ("ce", "aux-balanced", "etf-fr")
 STAGE2_LOSSES = ("ce", "cb", "la", "bs", "ldam-drw")
+STAGE2_POSTHOC = ("l2norm", "tau-norm", "logit-adjust", "mla")
+MLA_TAU = 0.65  # Hasegawa & Sato's tau of multiplicative logit adjustment on CIFAR100-LT (exponent)
 
 # Fields added after runs were first written, with their defaults: a run directory whose config.json
 # lacks one of them was made with the default, so it still matches (and resumes) under today's config.
 LATER_DEFAULTS: dict[str, object] = {
-    "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False,
+    "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False, "feature_reg": 0.01,
 }
 
 
@@ -25,9 +27,14 @@ class Stage1Config:
     dataset: str = "cifar100"  # cifar100 | cifar10
     imbalance: float = 100.0  # imbalance factor n_max / n_min (ratio)
     model: str = "resnet34"  # backbone name (resnet34 | resnet32 | resnet8)
-    method: str = "ce"  # ce = WB stage 1 (CE on instance batches) | aux-balanced (SPEC 6, our reading)
+    # ce = WB stage 1 (CE on instance batches) | aux-balanced (SPEC 6, our reading) | etf-fr (Hasegawa &
+    # Sato's one-stage recipe: fixed simplex-ETF classifier, learnable bias, feature regularisation)
+    method: str = "ce"
     aux_weight: float = 1.0  # lambda of aux-balanced: loss = CE_balanced + lambda * CE_instance (ratio)
     ssl: str | None = None  # aux-balanced only: rotation = 4-way rotation head on the instance batch
+    # etf-fr only: weight of the feature regularisation, loss = CE + feature_reg * batch mean of ||f||^2 / 2
+    # (per squared unit of the pooled penultimate feature norm; Hasegawa & Sato: 0.01)
+    feature_reg: float = 0.01
     epochs: int = 200  # passes over the long-tailed training set
     batch_size: int = 64  # images per optimizer step
     lr: float = 0.01  # peak learning rate; cosine to 0
@@ -50,8 +57,9 @@ class Stage2Config:
     maxnorm: float | None = None  # MaxNorm thresh in (0, 1]; None = no MaxNorm
     pgd_every: str = "step"  # step = project after every step (paper); epoch = official code
     unit_norm: bool = False  # keep classifier rows at unit norm (the "& L2norm" rows)
-    posthoc: str | None = None  # l2norm | tau-norm | logit-adjust: no training, adjust fc
-    tau: float = 1.9  # exponent of tau-norm
+    # l2norm | tau-norm | logit-adjust | mla (multiplicative logit adjustment): no training, adjust fc
+    posthoc: str | None = None
+    tau: float = 1.9  # exponent of tau-norm; with posthoc mla: every logit divided by prior_c ** tau
     la_tau: float = 1.0  # tau of logit adjustment (post-hoc and --loss la): logits - tau * log prior
     lws: bool = False  # learnable weight scaling: train only a per-class logit scale (Kang et al.)
     reinit: bool = False  # re-initialise fc before retraining (cRT of Kang et al. with balanced sampling)
@@ -122,7 +130,8 @@ def run_name(cfg: Stage1Config) -> str:
     """A stage-1 run directory name that says what it is, e.g. cifar100-if100-resnet34-wd5e-3-e200-s0."""
     parts = [cfg.dataset, f"if{_fmt(cfg.imbalance)}", cfg.model]
     if cfg.method != "ce":
-        parts.append(cfg.method + (_fmt(cfg.aux_weight) if cfg.aux_weight != 1.0 else ""))
+        parts.append(cfg.method + (_fmt(cfg.aux_weight) if cfg.aux_weight != 1.0 else "")
+                     + (_fmt(cfg.feature_reg) if cfg.feature_reg != LATER_DEFAULTS["feature_reg"] else ""))
     if cfg.ssl:
         parts.append(cfg.ssl)
     parts += [f"wd{_fmt(cfg.wd)}", f"e{cfg.epochs}"]
@@ -145,6 +154,10 @@ def validate_stage1(cfg: Stage1Config) -> None:
         raise LtrError(f"unknown --ssl {cfg.ssl!r}; the only self-supervised task is 'rotation'")
     if cfg.method != "aux-balanced" and (cfg.ssl is not None or cfg.aux_weight != 1.0):
         raise LtrError("--aux-weight and --ssl configure the auxiliary heads of --method aux-balanced")
+    if not (cfg.feature_reg >= 0 and math.isfinite(cfg.feature_reg)):
+        raise LtrError(f"--feature-reg must be a number >= 0, got {cfg.feature_reg}")
+    if cfg.method != "etf-fr" and cfg.feature_reg != LATER_DEFAULTS["feature_reg"]:
+        raise LtrError("--feature-reg sets the feature regularisation of --method etf-fr")
     if cfg.fidelity not in ("corrected", "official"):
         raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
     _check_common(cfg)
@@ -171,7 +184,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
         "trainable": ("fc", "last2"),
         "bn": ("eval", "train"),
         "sampling": ("instance", "balanced"),
-        "posthoc": (None, "l2norm", "tau-norm", "logit-adjust"),
+        "posthoc": (None, *STAGE2_POSTHOC),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -219,7 +232,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
 def stage2_name(cfg: Stage2Config) -> str:
     """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
     if cfg.posthoc:
-        tau = {"tau-norm": cfg.tau, "logit-adjust": cfg.la_tau}.get(cfg.posthoc)
+        tau = {"tau-norm": cfg.tau, "logit-adjust": cfg.la_tau, "mla": cfg.tau}.get(cfg.posthoc)
         return cfg.posthoc + (_fmt(tau) if tau is not None else "")
     loss = cfg.loss
     if loss == "cb" and cfg.cb_variant != "standard":

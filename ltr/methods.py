@@ -144,3 +144,24 @@ def cosine_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -
         return loss_fn(cos, y), cos, y
 
     return Step(_images, _features, loss)
+
+
+def _logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = model.features(x)
+    return model.fc(feats), feats
+
+
+def feature_regularized_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                             feature_reg: float) -> Step:
+    """Hasegawa & Sato's step: CE of the logits + feature_reg * batch mean of ||f||^2 / 2.
+
+    f is the pooled penultimate feature vector (what fc reads); its squared norm is taken in float32.
+    """
+
+    def loss(model: nn.Module, out: tuple[torch.Tensor, torch.Tensor], batches: Batches) -> StepOut:
+        logits, feats = out
+        y = batches[0][1]
+        reg = feats.float().square().sum(1).mean() / 2
+        return loss_fn(logits, y) + feature_reg * reg, logits, y
+
+    return Step(_images, _logits_and_features, loss)

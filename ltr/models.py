@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +111,63 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if name not in MODELS:
         raise LtrError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](num_classes)
+
+
+def _orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """Q of a's QR decomposition with the signs fixed (diag(R) > 0): Haar-distributed for Gaussian a."""
+    q, r = torch.linalg.qr(a)
+    signs = torch.sign(torch.diagonal(r))
+    return q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def simplex_etf(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A fixed simplex-ETF classifier: K = num_classes unit rows in R^dim, drawn from `seed`, float32.
+
+    The K x K simplex ETF M = sqrt(K / (K - 1)) (I - 11^T / K) has unit rows with pairwise cosine
+    -1 / (K - 1); its rows span the (K - 1)-dimensional subspace orthogonal to 1 = (1, ..., 1). With
+    r = min(dim, K - 1), a random r-dimensional subspace of that span (orthonormal basis Q, K x r, from
+    a Gaussian K x r matrix centred column-wise) and a random orthonormal frame U (dim x r) give
+
+        W = rownormalise(M Q U^T)        (K x dim)
+
+    - dim >= K - 1 (ResNet-34's 512-d features, 100 classes): r = K - 1, Q Q^T = I - 11^T / K, so
+      W W^T = M M^T: W is the simplex ETF itself, rotated into feature space by a random isometry
+      (every row norm 1, every pairwise cosine exactly -1 / (K - 1)); the normalisation changes nothing.
+    - dim < K - 1 (ResNet-8 / ResNet-32's 64-d features, 100 classes): no K unit vectors in R^dim have
+      equal pairwise cosines -1 / (K - 1). W is then the simplex ETF projected orthogonally onto a random
+      dim-dimensional subspace of its own span (M Q = sqrt(K / (K - 1)) Q, since Q lies in that span),
+      each row rescaled to norm 1: unit rows of rank dim, the projected rows summing to zero before the
+      rescaling, and pairwise cosines spread around -1 / (K - 1) instead of equal to it. The simplex
+      is isotropic in its span, so no subspace is preferred: a random one is as good as any.
+
+    The draws use their own generator, so the caller's random stream (the backbone's initialisation) is
+    the one a plain run with the same seed sees.
+    """
+    k = int(num_classes)
+    if k < 2 or dim < 1:
+        raise LtrError(f"a simplex ETF needs at least 2 classes and 1 feature dimension, got {k} and {dim}")
+    gen = torch.Generator().manual_seed(int(seed))
+    r = min(dim, k - 1)
+    ones = torch.ones(k, 1, dtype=torch.float64)
+    m = math.sqrt(k / (k - 1)) * (torch.eye(k, dtype=torch.float64) - ones @ ones.T / k)
+    g = torch.randn(k, r, generator=gen, dtype=torch.float64)
+    q = _orthonormal_columns(g - g.mean(0, keepdim=True))  # K x r, columns orthogonal to 1
+    u = _orthonormal_columns(torch.randn(dim, r, generator=gen, dtype=torch.float64))  # dim x r
+    w = m @ q @ u.T
+    return (w / w.norm(dim=1, keepdim=True)).float()
+
+
+@torch.no_grad()
+def fix_etf_classifier(model: nn.Module, seed: int) -> None:
+    """Make model.fc Hasegawa & Sato's classifier: simplex-ETF weight (fixed, requires_grad False), bias 0.
+
+    The bias stays a trained parameter (under the run's weight decay). The weight is part of the
+    state_dict, so checkpoints (and load_stage1) carry it as it is.
+    """
+    fc = model.fc
+    fc.weight.copy_(simplex_etf(fc.out_features, fc.in_features, seed).to(fc.weight))
+    fc.weight.requires_grad_(False)
+    fc.bias.zero_()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -514,6 +514,7 @@ def plot_sweep(
     synthetic: bool = False,
     title: str | None = None,
     save: str | os.PathLike | None = None,
+    paper_label: str = "WB",
 ) -> Figure:
     """Validation and held-out accuracy (All, Many, Medium, Few) against a swept value (ltr.sweep).
 
@@ -531,7 +532,7 @@ def plot_sweep(
             err = summary[f"{split}_{g}_std"].fillna(0).to_numpy(dtype=float)
             ax.errorbar(x, y, yerr=err if err.any() else None, fmt=style, ms=4, capsize=2, label=name)
         ax.axvline(chosen, color="tab:green", lw=1.5, label=f"chosen on validation ({chosen:g})")
-        ax.axvline(paper, color="0.3", ls=":", lw=1.5, label=f"WB ({paper:g})")
+        ax.axvline(paper, color="0.3", ls=":", lw=1.5, label=f"{paper_label} ({paper:g})")
         if preset_value is not None and not math.isclose(preset_value, paper):
             ax.axvline(preset_value, color="tab:purple", ls="-.", lw=1.2,
                        label=f"preset {preset} ({preset_value:g})")

@@ -56,6 +56,22 @@ def logit_adjust_bias(bias: torch.Tensor, counts: list[int], tau: float = 1.0) -
     bias.sub_(tau * log_prior(counts).to(bias))
 
 
+@torch.no_grad()
+def multiplicative_logit_adjust(fc: nn.Linear, counts: list[int], tau: float) -> None:
+    """Multiplicative logit adjustment (Hasegawa & Sato) in place: z_c <- z_c / p(c) ** tau.
+
+    p(c) = n_c / sum n is the training prior. Row c of fc.weight and fc.bias[c] are both divided by
+    p(c) ** tau, so every evaluation of fc (plain, flip-averaged, marginal likelihood) sees the adjusted
+    logits. Meant for the fixed-ETF classifier of `--method etf-fr`, whose rows all have norm 1; on any
+    other classifier it is the same per-class rescaling, plain multiplicative adjustment.
+    """
+    prior = torch.as_tensor(counts, dtype=torch.float64)
+    scale = (prior / prior.sum()).pow(-float(tau))
+    fc.weight.mul_(scale.to(fc.weight).view(-1, 1))
+    if fc.bias is not None:
+        fc.bias.mul_(scale.to(fc.bias))
+
+
 class ScaledLinear(nn.Module):
     """LWS (Kang et al.): a linear classifier whose logits are multiplied by a learnable per-class scale."""
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import PRESETS, preset_config, run_name, stage2_name
+from .config import MLA_TAU, PRESETS, preset_config, run_name, stage2_name
 from .data import VAL_PER_CLASS, LtrError, load_cifar_lt, resolve_device
 from .jobs import check_jobs
 from .precision import check_precision
 from .rundir import read_json, write_atomic, write_json
 from .tables import (
     GROUPS,
+    ONE_STAGE_ROW,
     TABLE1_ROWS,
     PlannedRun,
     Row,
@@ -39,16 +40,17 @@ from .train import stage2_from
 class SweepKind:
     """What a sweep varies: one config field of one Table 1 row's recipe."""
 
-    name: str  # the CLI name (stage1-wd | tau | maxnorm | stage2-wd)
+    name: str  # the CLI name (stage1-wd | tau | maxnorm | stage2-wd | mla-tau)
     field: str  # the Stage1Config / Stage2Config field it sets
     stage: str  # stage1 | stage2 (stage-2 kinds start from the row's stage-1 model)
     label: str  # axis label
     grid: tuple[float, ...]  # default values of a grid search
-    paper: float  # WB's value
+    paper: float  # the published value (WB's, or `source`'s)
     log: bool  # a logarithmic quantity: log x axis, log-uniform Bayesian search
     low: float  # default range of the Bayesian search (inclusive)
     high: float
-    row: str  # the Table 1 row whose recipe every point runs, with `field` replaced
+    row: str  # the Table 1 (or one-stage) row whose recipe every point runs, with `field` replaced
+    source: str = "WB"  # whose value `paper` is
 
 
 KINDS: dict[str, SweepKind] = {
@@ -64,7 +66,14 @@ KINDS: dict[str, SweepKind] = {
                          (0.02, 0.05, 0.1, 0.2, 0.5, 1.0), 0.1, True, 0.01, 1.0, "+ CB & WD & Max"),
     "stage2-wd": SweepKind("stage2-wd", "wd", "stage2", "stage-2 weight decay (+ CB & WD & Max)",
                            (0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3), 0.1, True, 1e-3, 1.0, "+ CB & WD & Max"),
+    # Hasegawa & Sato's multiplicative logit adjustment of the etf-fr model: post-hoc as tau-norm, seconds.
+    "mla-tau": SweepKind("mla-tau", "tau", "stage2", "tau of multiplicative logit adjustment (one-stage)",
+                         tuple(sorted({round(0.1 * i, 1) for i in range(21)} | {MLA_TAU})), MLA_TAU, False,
+                         0.0, 2.0,
+                         ONE_STAGE_ROW.name, "Hasegawa & Sato"),
 }
+# Rows a sweep may run: WB's Table 1 and the one-stage row of `ltr compare`.
+SWEEP_ROWS: tuple[Row, ...] = (*TABLE1_ROWS, ONE_STAGE_ROW)
 SEARCHES = ("grid", "bayes")
 SWEEP_FILE = "sweep.json"  # what `table1 --tuned` reads
 
@@ -100,12 +109,11 @@ def preset_value(kind: SweepKind, preset: str) -> float:
     """The value a preset's Table 1 uses (the cpu preset tunes its own stage-1 weight decay)."""
     if kind.stage == "stage1":
         return float(getattr(preset_config("stage1", preset), kind.field))
-    row = next(r for r in TABLE1_ROWS if r.name == kind.row)
-    return float(row.stage2[kind.field])
+    return float(_row(kind).stage2[kind.field])
 
 
 def _row(kind: SweepKind) -> Row:
-    return next(r for r in TABLE1_ROWS if r.name == kind.row)
+    return next(r for r in SWEEP_ROWS if r.name == kind.row)
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,7 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
         "of each class) reports the choice; the test set as a whole chooses nothing.",
         "",
         f"- chosen: **{kind.field} = {chosen:g}**, held-out All {_fmt(info['heldout_chosen'])}",
-        f"- WB's value: {kind.field} = {paper:g}, held-out All {_fmt(info['heldout_paper'])}"
+        f"- {kind.source}'s value: {kind.field} = {paper:g}, held-out All {_fmt(info['heldout_paper'])}"
         + ("" if info["heldout_paper"] is not None else " (not in this sweep)"),
     ]
     if not math.isclose(pre, paper):
@@ -229,7 +237,7 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
                      + ("" if info["heldout_preset"] is not None else " (not in this sweep)"))
     if info["heldout_paper"] is not None:
         gap = info["heldout_chosen"] - info["heldout_paper"]
-        lines.append(f"- held-out All, chosen minus WB's value: {gap:+.2f}")
+        lines.append(f"- held-out All, chosen minus {kind.source}'s value: {gap:+.2f}")
     lines += ["", "| " + " | ".join(
         [kind.field, "runs"] + [f"val {g.capitalize()}" for g in GROUPS]
         + [f"held-out {g.capitalize()}" for g in GROUPS] + [""]) + " |",
@@ -239,7 +247,7 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
         if math.isclose(r["value"], chosen, rel_tol=1e-9, abs_tol=1e-12):
             marks.append("**chosen**")
         if math.isclose(r["value"], paper, rel_tol=1e-9, abs_tol=1e-12):
-            marks.append("WB")
+            marks.append(kind.source)
         if not math.isclose(pre, paper) and math.isclose(r["value"], pre, rel_tol=1e-9, abs_tol=1e-12):
             marks.append("preset")
         cells = [f"{r['value']:g}", str(int(r["seeds"]))]
@@ -272,7 +280,7 @@ def write_outputs(kind: SweepKind, points: pd.DataFrame, sweep_dir: Path, info: 
 
         fig = plots.plot_sweep(summary, kind.field, kind.label, info["chosen"], info["paper"],
                                log=kind.log, preset_value=info["preset_value"], preset=info["preset"],
-                               synthetic=info["synthetic_data"])
+                               synthetic=info["synthetic_data"], paper_label=kind.source)
         files["sweep.png"] = sweep_dir / "sweep.png"
         write_atomic(files["sweep.png"], plots.figure_png(fig))
     return files
@@ -458,16 +466,19 @@ def tune_rows(rows: tuple[Row, ...], sweep_dirs: Sequence[str | os.PathLike], pr
             s2["maxnorm"] = chosen["maxnorm"][0]
         if "stage2-wd" in chosen and s2.get("wd"):
             s2["wd"] = chosen["stage2-wd"][0]
+        if "mla-tau" in chosen and s2.get("posthoc") == "mla":
+            s2["tau"] = chosen["mla-tau"][0]
         new.append(replace(row, stage2=s2, stage1_fields=s1))
     lines = ["**Tuned on validation (`ltr sweep`), not the paper's values.** Rows keep WB's names; WB's "
              "columns are the paper's numbers with the paper's values.", ""]
     applies = {"stage1-wd": "the tuned-weight-decay backbone and every row on it",
                "tau": "the tau-norm row on the tuned-weight-decay backbone",
-               "maxnorm": "every MaxNorm row", "stage2-wd": "every row with stage-2 weight decay"}
+               "maxnorm": "every MaxNorm row", "stage2-wd": "every row with stage-2 weight decay",
+               "mla-tau": "every multiplicative-logit-adjustment row (the one-stage recipe)"}
     for name, (v, info, d) in chosen.items():
         k = KINDS[name]
-        lines.append(f"- {k.label}: **{v:g}** (WB: {k.paper:g}; preset `{preset}`: {info['preset_value']:g}) "
-                     f"for {applies[name]}, chosen on validation by `{d}` "
+        lines.append(f"- {k.label}: **{v:g}** ({k.source}: {k.paper:g}; preset `{preset}`: "
+                     f"{info['preset_value']:g}) for {applies[name]}, chosen on validation by `{d}` "
                      f"(held-out All {_fmt(info.get('heldout_chosen'))} vs {_fmt(info.get('heldout_paper'))} "
-                     "with WB's value)")
+                     f"with {k.source}'s value)")
     return tuple(new), "\n".join(lines) + "\n\n"

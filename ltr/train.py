@@ -35,6 +35,7 @@ from .methods import (
     add_aux_heads,
     aux_balanced_step,
     cosine_step,
+    feature_regularized_step,
     plain_step,
 )
 from .metrics import (
@@ -46,13 +47,14 @@ from .metrics import (
     predict_with_features,
     weight_norms,
 )
-from .models import build_model
+from .models import build_model, fix_etf_classifier
 from .precision import autocast, autocast_dtype, check_precision, grad_scaler, resolve_precision
 from .regularizers import (
     ScaledLinear,
     l2_normalize,
     logit_adjust_bias,
     maxnorm_threshold,
+    multiplicative_logit_adjust,
     project_max_norm,
     project_unit_norm,
     tau_normalize,
@@ -408,6 +410,11 @@ def train_stage1(
             )
             loaders = [balanced, loaders[0]]
             step = aux_balanced_step(cfg.aux_weight, cfg.ssl == "rotation")
+        elif cfg.method == "etf-fr":
+            # Hasegawa & Sato: a fixed simplex-ETF classifier (its own generator: the backbone's initial
+            # weights equal those of a CE run with this seed), a learnable bias, feature regularisation.
+            fix_etf_classifier(model, cfg.seed)
+            step = feature_regularized_step(make_loss("ce", data.counts, dev), cfg.feature_reg)
         if world > 1 and dev.type == "cuda":
             # Batch statistics over the whole global batch, as in a single process (NCCL only).
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -416,7 +423,8 @@ def train_stage1(
         test_y = torch.as_tensor(data.test_y, device=dev)
         job = _Job(
             model=model,
-            params=list(model.parameters()),
+            # Every trained parameter, all under the weight decay (etf-fr's fixed classifier weight is not).
+            params=[p for p in model.parameters() if p.requires_grad],
             loaders=loaders,
             step=step,
             epochs=cfg.epochs,
@@ -482,6 +490,8 @@ def load_stage1(run_dir: str | os.PathLike, num_classes: int | None = None,
             f"the checkpoint in {run_dir} does not match a {cfg.model} "
             f"({str(exc).splitlines()[0]}); was it trained with another --model?"
         ) from None
+    if cfg.method == "etf-fr":
+        model.fc.weight.requires_grad_(False)  # the checkpoint's fixed ETF; stage 2 decides what trains
     return _prepare_model(model, resolve_device(device)), cfg
 
 
@@ -711,6 +721,9 @@ def train_stage2(
                 l2_normalize(model.fc.weight)
             elif cfg.posthoc == "tau-norm":
                 tau_normalize(model.fc.weight, cfg.tau)
+            elif cfg.posthoc == "mla":
+                # Rows and bias divided by prior_c ** tau: every evaluation sees logit_c / prior_c ** tau.
+                multiplicative_logit_adjust(model.fc, data.counts, cfg.tau)
             else:
                 # In the bias, so that every evaluation (plain, flip, marginal likelihood) sees it.
                 logit_adjust_bias(model.fc.bias, data.counts, cfg.la_tau)
