@@ -378,3 +378,119 @@ def tau_slider(tau_norm: TauNorm, value: float = 1.9, tta: str = "flip", title: 
         display(plot_tau_norm(tau_norm(tau, tta), tau_norm.counts, base, title, ylim))
 
     return widgets.VBox([slider, widgets.interactive_output(draw, {"tau": slider})])
+
+
+# ---------------------------------------------------------------- why weight decay helps (Hasegawa & Sato)
+
+
+def show_feature_analysis(runs: Mapping[str, str | os.PathLike], what: str) -> pd.DataFrame | None:
+    """Display plots.plot_feature_analysis and plots.feature_table of {label: run}, or say why not."""
+    done = {label: Path(d) for label, d in runs.items() if (Path(d) / "metrics.json").is_file()}
+    if not done:
+        print(f"{what}: no finished run to analyse")
+        return None
+    if not plots.has_feature_analysis(done):
+        print(f"{what}: these runs do not record the Fisher ratio or the cone effect (made before ltr "
+              "measured them); rerun them to see the figure")
+        return None
+    from IPython.display import display
+
+    display(plots.plot_feature_analysis(done, title=what))
+    table = plots.feature_table(done)
+    display(table)
+    return table
+
+
+def paper_reference(reference_root: str | os.PathLike) -> Path | None:
+    """The committed paper-scale reference (reference_root/*-paper), or None, said in one line."""
+    found = sorted(p for p in Path(reference_root).glob("*-paper") if (p / "runs.json").is_file())
+    if not found:
+        print(f"No paper-scale reference is committed yet ({Path(reference_root) / '*-paper'}): "
+              "the figure needs a `paper` preset Table 1 run on a GPU.")
+        return None
+    return found[0]
+
+
+def show_reference_features(ref: str | os.PathLike | None, rows: Sequence[str],
+                            what: str) -> pd.DataFrame | None:
+    """show_feature_analysis on a committed reference's runs of these Table 1 rows (first seed)."""
+    if ref is None:
+        return None
+    runs = reference_runs(ref)
+    if not runs:
+        _missing(Path(ref), "runs.json with finished run directories")
+        return None
+    return show_feature_analysis({r: runs[r] for r in rows if r in runs}, f"{what} ({ref})")
+
+
+def _fc_state(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the classifier that predicts, LWS's per-class scale folded in, float64."""
+    w, b = state["fc.weight"].double(), state["fc.bias"].double()
+    if "fc.scale" in state:
+        s = state["fc.scale"].double()
+        w, b = w * s[:, None], b * s
+    return w, b
+
+
+def logit_rescaling(stage1_run: str | os.PathLike, stage2_run: str | os.PathLike) -> pd.DataFrame:
+    """Stage 2 read as a per-class rescaling of the logits: one row per class, before and after.
+
+    Columns: training images, the classifier row norm before (stage 1) and after (stage 2), their ratio
+    `scale`, the cosine between the two rows (1 = same direction, the row was only rescaled), and the bias
+    before and after. attrs["tau_fit"]: the tau for which scale is closest to prior_c ** -tau (least
+    squares of log scale on log prior, up to a common factor): the multiplicative logit adjustment that
+    this stage 2 resembles. Needs the checkpoints (a committed reference keeps none).
+    """
+    paths = [Path(stage1_run) / "ckpt.pt", Path(stage2_run) / "ckpt.pt"]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p} is missing: the rescaling reads the classifier from the checkpoints")
+    (w0, b0), (w1, b1) = (_fc_state(torch.load(p, map_location="cpu", weights_only=True)["model"])
+                          for p in paths)
+    counts = np.asarray(read_json(Path(stage1_run) / "metrics.json")["counts"], dtype=float)
+    n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
+    df = pd.DataFrame({
+        "images": counts.astype(int), "norm_before": n0.numpy(), "norm_after": n1.numpy(),
+        "scale": (n1 / n0.clamp_min(1e-12)).numpy(), "cosine": F.cosine_similarity(w0, w1, dim=1).numpy(),
+        "bias_before": b0.numpy(), "bias_after": b1.numpy(),
+    })
+    df.index.name = "class"
+    log_prior = np.log(counts / counts.sum())
+    slope = np.polyfit(log_prior, np.log(df["scale"].clip(lower=1e-12)), 1)[0]
+    df.attrs["tau_fit"] = float(-slope)
+    return df
+
+
+def plot_logit_rescaling(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """logit_rescaling as figures: norms before / after, the per-class scale (with prior^-tau_fit), biases."""
+    counts = df["images"].tolist()
+    classes = np.arange(len(df))
+    fig = plots._figure((13.0, 3.6))
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        plots._class_bands(ax, counts)
+        ax.set_xlabel("class (head on the left, tail on the right)")
+    norms, scale, bias = axes
+    norms.plot(classes, df["norm_before"], color="0.5", lw=1.4, label="before (stage 1)")
+    norms.plot(classes, df["norm_after"], color="tab:purple", lw=1.4, label="after (stage 2)")
+    norms.set_ylabel("||w_c||")
+    norms.set_ylim(bottom=0)
+    norms.legend(fontsize=8, loc="lower left")
+    norms.set_title("classifier row norms", fontsize=9)
+    tau = df.attrs.get("tau_fit", 0.0)
+    prior = np.asarray(counts, dtype=float) / sum(counts)
+    fit = prior ** -tau
+    fit *= np.exp(np.mean(np.log(df["scale"].clip(lower=1e-12))) - np.mean(np.log(fit)))
+    scale.plot(classes, df["scale"], color="tab:purple", lw=1.4, label="||w_c after|| / ||w_c before||")
+    scale.plot(classes, fit, color="0.3", ls="--", lw=1.2, label=f"prior_c^-tau, tau = {tau:.2f} (fit)")
+    _log_axis(scale)
+    scale.set_ylabel("per-class logit scale (log)")
+    scale.legend(fontsize=8, loc="lower right")
+    scale.set_title(f"rescaling; rows keep direction: cosine min {df['cosine'].min():.3f}", fontsize=9)
+    bias.plot(classes, df["bias_before"], color="0.5", lw=1.4, label="before")
+    bias.plot(classes, df["bias_after"], color="tab:purple", lw=1.4, label="after")
+    bias.axhline(0, color="0.3", lw=0.8)
+    bias.set_ylabel("b_c")
+    bias.legend(fontsize=8, loc="lower left")
+    bias.set_title("classifier bias", fontsize=9)
+    return plots._finish(fig, title, None)

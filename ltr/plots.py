@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
@@ -141,6 +142,9 @@ def run_label(run: RunLike) -> str:
     if s1.get("method", "ce") == "aux-balanced":
         # SPEC 6 (our reading of Zhang et al.): balanced main head + instance auxiliary head.
         base = f"aux-balanced{' + rotation' if s1.get('ssl') else ''}, {base}"
+    elif s1.get("method", "ce") == "etf-fr":
+        # Hasegawa & Sato's stage 1: fixed simplex-ETF classifier and feature regularisation.
+        base = f"fixed ETF + feature reg., {base}"
     if run["stage"] == "stage1":
         return base
     prefix = "WD=0 " if not s1.get("wd") else ""
@@ -148,6 +152,8 @@ def run_label(run: RunLike) -> str:
         prefix = f"[{base}] "
     if cfg.get("posthoc") == "logit-adjust":
         return f"{prefix}+ logit adjustment (tau={cfg.get('la_tau', 1.0):g})"
+    if cfg.get("posthoc") == "mla":
+        return f"{prefix}+ multiplicative logit adjustment (tau={cfg.get('tau', WB_TAU):g})"
     if cfg.get("posthoc") == "tau-norm":
         return f"{prefix}+ tau-norm (tau={cfg.get('tau', WB_TAU):g})"
     if cfg.get("posthoc") == "l2norm":
@@ -202,7 +208,7 @@ def table1_row(run: RunLike) -> str | None:
     if not tuned or cfg.get("sampling", "instance") != "instance":
         return None
     if (cfg.get("lws") or cfg.get("reinit") or cfg.get("loss", "ce") not in ("ce", "cb")
-            or cfg.get("posthoc") == "logit-adjust"):
+            or cfg.get("posthoc") in ("logit-adjust", "mla")):
         return None  # the comparison baselines are not rows of WB's Table 1
     if cfg.get("posthoc") == "l2norm":
         return "+ L2norm"
@@ -259,8 +265,6 @@ def results_table(
 def _distinct_colours(ax: Axes, n: int) -> None:
     """More than 10 runs in one plot: 20 distinct colours instead of the default 10 that repeat."""
     if n > 10:
-        from matplotlib import colormaps
-
         ax.set_prop_cycle(color=[colormaps["tab20"](i % 20) for i in range(n)])
 
 
@@ -556,6 +560,123 @@ def plot_sweep(
     return _finish(fig, (title or f"{label}: chosen on validation, reported on held-out") + note, save)
 
 
+# ---------------------------------------------------------------- feature analysis (Hasegawa & Sato)
+
+CONE_KEYS = ("all", "same", "different")
+CONE_TITLES = {"all": "all pairs", "same": "same class", "different": "different classes"}
+SYNTHETIC_TAG = " [SYNTHETIC data: describes the code, not the paper]"
+
+
+def _features_of(run: dict) -> dict:
+    """metrics.json's `features` of a stage-1 run ({split: {fdr, cone}}), {} when it has none."""
+    feats = run["metrics"].get("features") or {}
+    return {split: v for split, v in feats.items() if isinstance(v, dict) and "fdr" in v}
+
+
+def _fdr_history(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(epochs, test FDR) of the evaluated epochs in history.csv, or None when it records none."""
+    hist = run["history"]
+    if hist is None or "test_fdr" not in hist.columns:
+        return None
+    fdr = pd.to_numeric(hist["test_fdr"], errors="coerce")
+    keep = fdr.notna().to_numpy()
+    if not keep.any():
+        return None
+    return hist["epoch"].to_numpy(dtype=float)[keep], fdr.to_numpy(dtype=float)[keep]
+
+
+def has_feature_analysis(runs: Runs, labels: Sequence[str] | None = None) -> bool:
+    """True when at least one of the runs records the feature analysis (history or metrics.json)."""
+    return any(_features_of(r) or _fdr_history(r) is not None for _, r in _load_many(runs, labels))
+
+
+def feature_table(runs: Runs, labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """Fisher discriminant ratio and cone effect at the end of each run, test and training features.
+
+    One row per run: `FDR test`, `FDR train`, and `cone {all, same, different} {test, train}` (mean cosine
+    similarity of two samples' features); empty where a run does not record it (made before ltr did).
+    """
+    rows = []
+    for label, run in _load_many(runs, labels):
+        feats = _features_of(run)
+        row: dict[str, Any] = {"run": label}
+        for split in ("test", "train"):
+            f = feats.get(split, {})
+            row[f"FDR {split}"] = f.get("fdr")
+            for k in CONE_KEYS:
+                row[f"cone {k} {split}"] = (f.get("cone") or {}).get(k)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run").astype(float).round(4)
+
+
+def plot_feature_analysis(
+    runs: Runs,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Why weight decay helps (Hasegawa & Sato): how separable and how spread out the features are.
+
+    Left: the Fisher discriminant ratio Tr(S_W^+ S_B) of the test features at every evaluated epoch
+    (history.csv `test_fdr`); higher = classes further apart relative to their spread. Middle: the ratio
+    of the test and the (un-augmented) training features at the end (metrics.json `features`). Right: the
+    cone effect of the test features at the end, the mean cosine similarity of two samples' features over
+    all pairs, same-class pairs and different-class pairs; a high different-class cosine means every
+    class points the same way. Meant for stage-1 runs, e.g. naive vs weight decay. A run recorded before
+    ltr measured these is drawn as "not recorded"; if no run records anything, LtrError says so.
+    """
+    loaded = _load_many(runs, labels)
+    if not has_feature_analysis([r for _, r in loaded]):
+        raise LtrError("none of these runs records the feature analysis (history.csv `test_fdr`, "
+                       "metrics.json `features`): they were made before ltr measured it; rerun them")
+    fig = _figure((13.0, 3.8))
+    ax_t, ax_f, ax_c = fig.subplots(1, 3, width_ratios=[1.3, 0.8, 1.1])
+    n = len(loaded)
+    colours = [f"C{i}" for i in range(n)] if n <= 10 else [colormaps["tab20"](i % 20) for i in range(n)]
+    width = 0.8 / n
+    for j, (label, run) in enumerate(loaded):
+        colour = colours[j]
+        hist = _fdr_history(run)
+        feats = _features_of(run)
+        if hist is not None:
+            ax_t.plot(*hist, "-o", ms=3, lw=1.5, color=colour, label=label)
+        else:
+            ax_t.plot([], [], color=colour, label=f"{label} (no FDR over epochs recorded)")
+        for ax, keys, get in (
+            (ax_f, ("test", "train"), lambda k, feats=feats: (feats.get(k) or {}).get("fdr")),
+            (ax_c, CONE_KEYS, lambda k, feats=feats: ((feats.get("test") or {}).get("cone") or {}).get(k)),
+        ):
+            for i, key in enumerate(keys):
+                x = i + (j - (n - 1) / 2) * width
+                v = get(key)
+                if v is None:
+                    ax.text(x, 0, "not\nrecorded", ha="center", va="bottom", fontsize=6, rotation=90,
+                            color="0.4")
+                    continue
+                bar = ax.bar([x], [float(v)], width * 0.95, color=colour)
+                ax.bar_label(bar, fmt="%.3g", fontsize=7, padding=1, rotation=90 if n > 3 else 0)
+    ax_t.set_xlabel("epoch")
+    ax_t.set_ylabel("Fisher ratio Tr(S_W^+ S_B), test")
+    ax_t.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_t.set_title("feature separability during training", fontsize=9)
+    ax_t.grid(alpha=0.3)
+    ax_t.legend(fontsize=7)
+    ax_f.set_xticks([0, 1], ["test", "train"])
+    ax_f.set_ylabel("Fisher ratio at the end")
+    ax_f.set_title("separability at the end", fontsize=9)
+    ax_f.margins(y=0.15)
+    ax_c.set_xticks(range(len(CONE_KEYS)), [CONE_TITLES[k] for k in CONE_KEYS])
+    ax_c.axhline(0, color="0.3", lw=0.8)
+    ax_c.set_ylabel("mean cosine of two test features")
+    ax_c.set_title("cone effect at the end (test)", fontsize=9)
+    ax_c.margins(y=0.15)
+    if title is None:
+        title = "feature analysis: Fisher discriminant ratio and cone effect"
+    if any(r["metrics"].get("synthetic_data") for _, r in loaded) and "SYNTHETIC" not in title:
+        title += SYNTHETIC_TAG
+    return _finish(fig, title, save)
+
+
 def run_figures(run_dir: str | os.PathLike) -> list[Path]:
     """Write the per-run PNG figures into a finished run directory; returns their paths."""
     run_dir = Path(run_dir)
@@ -573,6 +694,8 @@ def run_figures(run_dir: str | os.PathLike) -> list[Path]:
     ]
     if run["history"] is not None and any(c.startswith("wn_") for c in run["history"].columns):
         jobs.append(("weight_norm_evolution.png", lambda p: plot_norm_evolution(run, title=title, save=p)))
+    if run["stage"] == "stage1" and has_feature_analysis(run):
+        jobs.append(("feature_analysis.png", lambda p: plot_feature_analysis(run, title=title, save=p)))
     paths = []
     for name, make in jobs:
         make(run_dir / name)
