@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ltr.cli import main
-from ltr.compare import COMPARE_ROWS, run_compare
+from ltr.compare import COMPARE_ROWS, OUR_IMPLEMENTATION, run_compare
 from ltr.config import Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
 from ltr.losses import LDAMLoss, class_balanced_weights, ldam_margins, log_prior, make_loss
 from ltr.methods import add_aux_heads, aux_balanced_step, rotations
 from ltr.models import build_model
-from ltr.tables import PAPER_PEERS, PAPER_TABLE1
+from ltr.tables import ONE_STAGE_ROW, PAPER_PEERS, PAPER_TABLE1
 from ltr.train import stage2_from, train_stage1, train_stage2
 
 S1 = Stage1Config(dataset="cifar10", imbalance=10, model="resnet8", epochs=1, batch_size=128, lr=0.05)
@@ -319,17 +319,28 @@ def test_compare_tiny_table(tiny_root: Path, tmp_path: Path, capsys: pytest.Capt
     assert flip.loc["WD=0 (w/ CE)", "peer_all"] == PAPER_PEERS["CE"]
     assert flip.loc["+ CB & WD & Max", "all_paper"] == PAPER_TABLE1["+ CB & WD & Max"][3]
     assert flip.loc["aux-balanced (our reading)", "published"] == "our reading, no published number"
+    # Hasegawa & Sato's one-stage row: our implementation, on the WD row's backbone, no published number.
+    one = flip.loc[ONE_STAGE_ROW.name]
+    assert one.published == OUR_IMPLEMENTATION and one.stage1.startswith("fixed ETF + feature reg., WD=")
+    assert one.stage1.endswith(flip.loc["WD tuned (w/ CE)", "stage1"].split("WD=")[1])
+    assert json.loads(one.stage2) == {"posthoc": "mla", "tau": 0.65}
+    runs = json.loads((out / "compare_runs.json").read_text())["runs"]
+    mla = next(Path(r["dir"]) for r in runs if r["row"] == ONE_STAGE_ROW.name)
+    assert mla.name == "mla0.65" and "etf-fr" in mla.parent.name
+    s1 = json.loads((out / "stage1" / mla.parent.name / "metrics.json").read_text())
+    assert "fdr" in s1["features"]["test"]  # the cifar100 (K = 100 > 64-d features) ETF run analysed
     md = (out / "compare.md").read_text()
     assert "not the paper's recipe" in md and "our reading, no published number" in md
     # Every number in the published column is one the sources give: none is made up.
     quoted = {f"{v:.2f}" for v in PAPER_PEERS.values()} | {f"{r[3]:.2f}" for r in PAPER_TABLE1.values()}
     for cell in flip.published:
         assert set(re.findall(r"\d+\.\d\d", cell)) <= quoted
-    for f in ("group_accuracy.png", "weight_norms.png", "norm_evolution_aux-balanced.png"):
+    for f in ("group_accuracy.png", "weight_norms.png", "norm_evolution_aux-balanced.png",
+              "norm_evolution_etf-fr.png"):
         assert (out / "figures-compare" / f).stat().st_size > 1000
     assert "published All" in capsys.readouterr().out
     # A second call finds every run finished and trains nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")}
     run_compare(root=tiny_root, out=out, preset="tiny", seeds=[0], device="cpu", progress=False,
                 figures=False)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")} == stamps and len(stamps) == 11
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")} == stamps and len(stamps) == 13

@@ -147,6 +147,18 @@ def test_show_reference(reference: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert capsys.readouterr().out.count("No committed reference run") == 1  # ... and that is said once
 
 
+def test_feature_analysis_of_references_is_said_when_absent(reference: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    # The reference's runs predate the feature analysis: one line says so, nothing is drawn.
+    rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
+    assert notebook_tools.show_reference_features(reference, rows, "ref") is None
+    assert "do not record the Fisher ratio" in capsys.readouterr().out
+    assert notebook_tools.paper_reference(tmp_path / "exp" / "reference") is None
+    assert "No paper-scale reference" in capsys.readouterr().out
+    assert notebook_tools.show_reference_features(None, ["WD=0 (w/ CE)"], "paper") is None
+    assert capsys.readouterr().out == ""
+
+
 def test_reference_timing(reference: Path, capsys: pytest.CaptureFixture) -> None:
     rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
     assert notebook_tools.reference_timing(reference, rows, "cpu") == {0: 15.0}

@@ -210,7 +210,7 @@ def test_table1_row_matches_the_table_runner() -> None:
 
 
 def test_run_figures(runs: dict[str, Path], tmp_path: Path) -> None:
-    for key, expect in (("s1", 5), ("s2", 5), ("tau", 4)):
+    for key, expect in (("s1", 6), ("s2", 5), ("tau", 4)):
         paths = plots.run_figures(runs[key])
         assert len(paths) == expect
         for p in paths:
@@ -218,9 +218,42 @@ def test_run_figures(runs: dict[str, Path], tmp_path: Path) -> None:
         names = {p.name for p in paths}
         assert {"weight_norms.png", "per_class_acc.png", "marginal_likelihood.png"} <= names
         assert ("weight_norm_evolution.png" in names) == (key != "tau")
+        assert ("feature_analysis.png" in names) == (key == "s1")  # stage 1 only
     assert plots.run_figures(tmp_path) == []  # unfinished or empty: nothing to plot
 
 
 def test_figure_shows_in_notebooks() -> None:
     fig = plots.plot_count_profile((100,))
     assert fig._repr_png_()[:8] == PNG
+
+
+def _without_features(run: Path, dst: Path) -> Path:
+    """A copy of a run as made before ltr recorded the feature analysis."""
+    shutil.copytree(run, dst)
+    m = json.loads((dst / "metrics.json").read_text())
+    m.pop("features")
+    (dst / "metrics.json").write_text(json.dumps(m))
+    hist = (dst / "history.csv").read_text().splitlines()
+    cols = hist[0].split(",")
+    keep = [i for i, c in enumerate(cols) if c != "test_fdr"]
+    (dst / "history.csv").write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in hist))
+    return dst
+
+
+def test_feature_analysis(runs: dict[str, Path], tmp_path: Path) -> None:
+    old = _without_features(runs["s1"], tmp_path / "old")
+    table = plots.feature_table({"wd": runs["s1"], "old": old})
+    m = json.loads((runs["s1"] / "metrics.json").read_text())["features"]
+    assert table.loc["wd", "FDR test"] == pytest.approx(m["test"]["fdr"], abs=1e-4)
+    assert table.loc["wd", "cone different test"] == pytest.approx(m["test"]["cone"]["different"], abs=1e-4)
+    assert table.loc["old"].isna().all()
+    fig = plots.plot_feature_analysis({"naive": runs["s1"], "wd": runs["s1"], "old": old},
+                                      save=tmp_path / "f.png")
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    _png_ok(tmp_path / "f.png")
+    assert "SYNTHETIC" in fig._suptitle.get_text()  # runs on synthetic files say so
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["naive", "wd", "old (no FDR over epochs recorded)"]
+    assert not plots.has_feature_analysis(old)
+    with pytest.raises(LtrError, match="before ltr measured it"):
+        plots.plot_feature_analysis(old)
