@@ -19,7 +19,8 @@
 # 1. build the long-tailed training set and see its class counts,
 # 2. train two models, a naive one (no weight decay) and one with a tuned weight decay,
 # 3. compare their per-class accuracy and the norms of their classifier weights, also during training,
-# 4. put the results beside a committed reference run and beside WB's Table 1.
+# 4. put the results beside a committed reference run and beside WB's Table 1,
+# 5. look inside the features for why weight decay helps, or why it does not.
 #
 # Notebook 2 then re-balances the classifier on top of these two models.
 
@@ -259,7 +260,53 @@ notebook_tools.show_reference(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
                               changes=[("WD=0 (w/ CE)", "WD tuned (w/ CE)")])
 
 # %% [markdown]
-# ## 7. Choosing the weight decay on validation (WB Fig. 4) · the long cell
+# ## 7. Why weight decay helps (or does not)
+#
+# WB show *that* weight decay helps; Hasegawa & Sato ("Exploring Weight Balancing on Long-Tailed
+# Recognition Problem", ICLR 2024) look at *why*, in the features $f(x)$ that the classifier reads (the
+# pooled output of the last ReLU). Two measurements, both recorded by every stage-1 run:
+#
+# - the **Fisher discriminant ratio** $\mathrm{FDR} = \mathrm{Tr}(S_W^{-1} S_B)$, with $S_B$ the spread of
+#   the class means around the overall mean (weighted by class size) and $S_W$ the spread of the features
+#   around their own class mean. High FDR: classes lie far apart compared with how scattered each class
+#   is, so a linear classifier separates them easily ($S_W^{-1}$ is a pseudo-inverse where $S_W$ is
+#   singular, e.g. for a feature unit that is always zero). The trainer records it on the test features at
+#   every evaluated epoch, and on the test and training features at the end;
+# - the **cone effect**: the mean cosine similarity of two feature vectors. ReLU features are never
+#   negative, so they all live in one orthant and tend to point the same way. A high cosine between
+#   features of *different* classes means the classes crowd into a narrow cone; a low one means they
+#   spread out.
+#
+# Their finding for WB's recipe: weight decay raises the FDR and weakens the cone effect, that is,
+# weight decay mainly buys better features, not only balanced classifier norms. The figure shows both
+# for your two models: FDR over the epochs (left), FDR at the end on test and training features
+# (middle), the cone effect at the end (right); the table below it gives the same numbers.
+
+# %%
+notebook_tools.show_feature_analysis({N_LABEL: NAIVE, WD_LABEL: WD}, "your runs" + NOTE);
+
+# %% [markdown]
+# The same for the committed references: the `cpu` one (the two stage-1 models of its first seed) and,
+# when one is committed, a paper-scale one (`exp/reference/*-paper/`). A reference made before ltr
+# recorded these measurements says so instead of drawing.
+#
+# **Connect the figures to the accuracy tables.** In section 6 and in the reference table, did weight
+# decay raise All, and Few? Here, did it raise the FDR and lower the different-class cosine? If weight
+# decay helps accuracy, the features should show why; if it does not help at this scale, check whether
+# its features are no better either, and whether training features and test features tell the same
+# story (a model that fits its training set well can still have poorly separated test features).
+
+# %%
+notebook_tools.show_reference_features(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
+                                       "committed reference, cpu preset");
+
+# %%
+PAPER_REFERENCE = notebook_tools.paper_reference(REPO / "exp" / "reference")
+notebook_tools.show_reference_features(PAPER_REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
+                                       "committed reference, paper preset");
+
+# %% [markdown]
+# ## 8. Choosing the weight decay on validation (WB Fig. 4) · the long cell
 #
 # Where does a value like $5 \cdot 10^{-3}$ come from? WB tune $\lambda$ and plot accuracy against it
 # (their Fig. 4). Tuning must not look at the test set: a value picked for its test accuracy flatters

@@ -274,7 +274,28 @@ plots.plot_weight_norms(MODELS, title="classifier weight norms" + NOTE)
 plots.plot_marginal_likelihood(MODELS, title="marginal likelihood on the test set" + NOTE)
 
 # %% [markdown]
-# ## 7. Summary in the style of WB's Table 1
+# ## 7. WB's stage 2 as a per-class rescaling of the logits
+#
+# Hasegawa & Sato (ICLR 2024) read WB's best stage 2 differently: with the features frozen, CB & WD &
+# MaxNorm barely turns the classifier rows; it mostly *rescales* each row $w_c$ by its own factor $s_c$
+# and moves the bias. A logit $z_c = w_c^\top f(x) + b_c$ then becomes roughly $s_c z_c$: a
+# **multiplicative logit adjustment**, larger for tail classes. If $s_c$ grows like $\pi_c^{-\tau}$
+# ($\pi_c$ the share of class $c$ in the training set), stage 2 could be replaced by dividing every logit
+# by $\pi_c^{\tau}$, with no training at all; that is their one-stage recipe (`--method etf-fr` in stage 1,
+# then `--posthoc mla`, a row of `python -m ltr compare`).
+#
+# The cell compares the classifier of the stage-1 weight-decay model with that of its `+ CB & WD & Max`
+# run, class by class: the row norms before and after (left), their ratio $s_c$ with the best fitting
+# $\pi_c^{-\tau}$ (middle; the panel title gives the smallest cosine between a row before and after: near
+# one means the rows only changed length), and the bias before and after (right). Does the ratio follow
+# the fitted curve? Where does the bias move, at the head or at the tail?
+
+# %%
+RESCALING = notebook_tools.logit_rescaling(WD, CB_WD_MAX)
+notebook_tools.plot_logit_rescaling(RESCALING, title=f"{WD_LABEL} -> + CB & WD & MaxNorm" + NOTE)
+
+# %% [markdown]
+# ## 8. Summary in the style of WB's Table 1
 #
 # Our columns: last epoch, full balanced test set, flip averaging. The `WB` columns are **WB's Table 1**
 # numbers for the row with the same recipe (CIFAR100-LT, IF = 100, ResNet-34), copied from the paper and
@@ -308,14 +329,15 @@ notebook_tools.show_reference(REFERENCE, REF_ROWS, changes=[("WD tuned (w/ CE)",
                                                            ("WD tuned (w/ CE)", "+ tau-norm")])
 
 # %% [markdown]
-# ## 8. Optional: WB beside its neighbours (no training here)
+# ## 9. Optional: WB beside its neighbours (no training here)
 #
 # `python -m ltr compare --preset PRESET` trains the comparison rows on the same backbone and schedule:
 # our reading of *To Balance or Not to Balance* (Zhang et al.: a main head on class-balanced batches and an
-# auxiliary head on instance batches), cRT, LWS, logit adjustment, balanced softmax and LDAM-DRW. This
-# cell only **reads** the table that command wrote, if it exists; it never trains. The "published" column
-# holds numbers that papers report for their own recipes; the Zhang et al. row is our reading of an
-# abstract and has no published number.
+# auxiliary head on instance batches), cRT, LWS, logit adjustment, balanced softmax, LDAM-DRW and our
+# implementation of Hasegawa & Sato's one-stage recipe (section 7). This cell only **reads** the table
+# that command wrote, if it exists; it never trains. The "published" column holds numbers that papers
+# report for their own recipes; the Zhang et al. row is our reading of an abstract and the one-stage rows
+# are our implementation: neither has a published number here.
 
 # %%
 COMPARE = REPO / "exp" / ("compare" if PRESET == "paper" else f"compare-{PRESET}")
