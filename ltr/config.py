@@ -244,7 +244,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
 
 
 def stage2_name(cfg: Stage2Config) -> str:
-    """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
+    """A stage-2 run directory name from its recipe, e.g. cb-official-wd0.1-max0.1-e10-s0."""
     if cfg.posthoc:
         tau = {"tau-norm": cfg.tau, "logit-adjust": cfg.la_tau}.get(cfg.posthoc)
         return cfg.posthoc + (_fmt(tau) if tau is not None else "")
