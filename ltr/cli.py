@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import MLA_TAU, PRESETS
+from .config import CB_VARIANTS, FIDELITIES, MLA_TAU, PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
 from .precision import PRECISIONS
 
@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--loss", default=None,
                     help="ce | cb (class-balanced) | la (logit-adjusted, --la-tau) | bs (balanced softmax) "
                          "| ldam-drw (LDAM, deferred re-weighting from the second half of the epochs)")
-    s2.add_argument("--cb-variant", default=None, help="standard | official (softmax + BCE)")
+    s2.add_argument("--cb-variant", default=None, choices=CB_VARIANTS,
+                    help="official (default): WB's loss, BCE on softmax probabilities (about 1/C of a "
+                         "weighted CE) | standard: weighted cross-entropy (ours)")
     s2.add_argument("--wd", type=float, default=None, help="weight decay on the classifier (0.1)")
     s2.add_argument("--maxnorm", type=float, default=None, help="MaxNorm thresh in (0, 1] (0.1)")
     s2.add_argument("--pgd-every", default=None, help="step | epoch: when MaxNorm projects")
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--trainable", default=None, help="fc | last2 (last conv + fc)")
     s2.add_argument("--bn", default=None, help="eval | train (train = the official code's drift)")
     s2.add_argument("--sampling", default=None, help="instance | balanced")
+    s2.add_argument("--fidelity", default=None, choices=FIDELITIES,
+                    help="corrected (default): per-step cosine | official: WB's stage 2 (cosine stepped "
+                         "per epoch, last epoch at lr 0; MaxNorm once per epoch; BN in train mode; fp32)")
     _add_general(s2, "10", "64", "0.01", "1")
     _add_runtime(s2, None, "the root its stage-1 run recorded")
 
@@ -139,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tuned", nargs="+", default=None, metavar="SWEEP_DIR",
                    help="use the values these sweeps chose on validation (ltr sweep) instead of the paper's; "
                         "writes table1-tuned.md / .csv beside table1.md")
+    t.add_argument("--cb-variant", default=None, choices=[*CB_VARIANTS, "both"],
+                   help="the CB rows' loss: official (WB's) | standard (weighted CE, ours) | both (every CB "
+                        "row with each, side by side); default: the preset's (official)")
+    t.add_argument("--fidelity", default="corrected", choices=FIDELITIES,
+                   help="stage 2's: corrected (default) | official (WB's epoch-stepped schedule, MaxNorm "
+                        "once per epoch, BN in train mode; writes table1-official.md); stage 1 unchanged")
 
     from .sweep import KINDS
 
@@ -300,8 +311,9 @@ def _table1(args: argparse.Namespace) -> int:
     imbalances = [check_imbalance(i) for i in args.imbalance]
     out = _plan_out(args, "table1")
     files = run_table(out=out, imbalances=imbalances, dataset=args.dataset, tuned=args.tuned or (),
-                      **_plan_kwargs(args))
-    return _print_plan(out, "table1-tuned.md" if args.tuned else "table1.md", files)
+                      cb_variant=args.cb_variant, fidelity=args.fidelity, **_plan_kwargs(args))
+    suffix = ("-tuned" if args.tuned else "") + ("-official" if args.fidelity == "official" else "")
+    return _print_plan(out, f"table1{suffix}.md", files)
 
 
 def _sweep(args: argparse.Namespace) -> int:

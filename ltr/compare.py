@@ -32,6 +32,7 @@ from .tables import (
     run_plan,
     synthetic_note,
     table_figures,
+    with_cb_variant,
 )
 
 IMBALANCE = 100.0  # the published figures are CIFAR100-LT at imbalance factor 100
@@ -201,6 +202,7 @@ def run_compare(
     jobs: int = 1,
 ) -> dict[str, Path]:
     """Plan, run (finished runs skipped, unfinished resumed) and tabulate the comparison; returns files."""
+    rows = with_cb_variant(rows, None, preset)  # the preset's CB loss, named in compare.csv's cb_loss
     where, seeds, _ = run_plan(rows, root, out, preset, seeds, [IMBALANCE], DATASET, device, download,
                                compile, progress, allow_cpu, desc="compare", precision=precision, jobs=jobs)
     return write_compare(rows, Path(out), where, seeds, preset, figures=figures)

@@ -12,11 +12,19 @@ STAGE1_METHODS = ("ce", "aux-balanced", "etf-fr")
 STAGE2_LOSSES = ("ce", "cb", "la", "bs", "ldam-drw")
 STAGE2_POSTHOC = ("l2norm", "tau-norm", "logit-adjust", "mla")
 MLA_TAU = 0.65  # Hasegawa & Sato's tau of multiplicative logit adjustment on CIFAR100-LT (exponent)
+CB_VARIANTS = ("official", "standard")
+# How tables name the two class-balanced losses: only the official one is WB's.
+CB_LABELS = {"official": "WB's loss", "standard": "weighted CE"}
+FIDELITIES = ("corrected", "official")
+# What stage 2's fidelity "official" sets besides the epoch-stepped schedule: the official code projects
+# MaxNorm once per epoch and leaves the frozen backbone's BN in train mode.
+OFFICIAL_STAGE2 = {"pgd_every": "epoch", "bn": "train"}
 
 # Fields added after runs were first written, with their defaults: a run directory whose config.json
 # lacks one of them was made with the default, so it still matches (and resumes) under today's config.
 LATER_DEFAULTS: dict[str, object] = {
     "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False, "feature_reg": 0.01,
+    "fidelity": "corrected",
 }
 
 
@@ -51,7 +59,9 @@ class Stage2Config:
 
     from_run: str = ""  # stage-1 run directory to start from
     loss: str = "ce"  # ce | cb (class-balanced) | la (logit-adjusted) | bs (balanced softmax) | ldam-drw
-    cb_variant: str = "standard"  # standard = weighted CE; official = softmax + BCE
+    # official = WB's loss (BCE of softmax probabilities vs one-hot, weight w_y, mean over batch x classes:
+    # about 1/C of a weighted CE); standard = weighted cross-entropy (ours)
+    cb_variant: str = "official"
     cb_beta: float = 0.9999  # beta of the effective number (1 - beta^n) / (1 - beta)
     wd: float = 0.0  # weight decay on the trainable layers (0.1 in the "WD" rows)
     maxnorm: float | None = None  # MaxNorm thresh in (0, 1]; None = no MaxNorm
@@ -72,6 +82,9 @@ class Stage2Config:
     momentum: float = 0.9  # SGD momentum
     seed: int = 0  # seeds batch order
     eval_every: int = 1  # epochs between test evaluations shown in the progress bar
+    # corrected = per-step cosine; official = WB's stage 2: cosine stepped at the start of each epoch (the
+    # last epoch at lr 0), with pgd_every="epoch" and bn="train" (OFFICIAL_STAGE2), fp32
+    fidelity: str = "corrected"
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -115,6 +128,10 @@ def preset_config(stage: str, preset: str = "paper", **overrides: object) -> Sta
         raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cls = Stage1Config if stage == "stage1" else Stage2Config
     values = {**PRESETS[preset][stage], **{k: v for k, v in overrides.items() if v is not None}}
+    if stage == "stage2" and values.get("fidelity") == "official":
+        # One switch: the official code's projection and BN mode come with its schedule (an explicit
+        # contrary value is left for validate_stage2 to reject).
+        values = {**OFFICIAL_STAGE2, **values}
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -179,7 +196,8 @@ def validate_stage2(cfg: Stage2Config) -> None:
     _check_common(cfg)
     choices = {
         "loss": STAGE2_LOSSES,
-        "cb_variant": ("standard", "official"),
+        "cb_variant": CB_VARIANTS,
+        "fidelity": FIDELITIES,
         "pgd_every": ("step", "epoch"),
         "trainable": ("fc", "last2"),
         "bn": ("eval", "train"),
@@ -189,6 +207,15 @@ def validate_stage2(cfg: Stage2Config) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise LtrError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
+    if cfg.fidelity == "official" and cfg.posthoc is None:
+        wrong = {k: getattr(cfg, k) for k, v in OFFICIAL_STAGE2.items() if getattr(cfg, k) != v}
+        if wrong:
+            raise LtrError(
+                "--fidelity official is WB's stage 2 as one switch (epoch-stepped cosine, "
+                + ", ".join(f"{k}={v!r}" for k, v in OFFICIAL_STAGE2.items()) + "); it cannot run with "
+                + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+                + ": drop those, or use --fidelity corrected with them"
+            )
     if cfg.maxnorm is not None and not (0 < cfg.maxnorm <= 1):
         raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of SPEC 4), got {cfg.maxnorm}")
     if cfg.tau < 0:
@@ -217,7 +244,8 @@ def validate_stage2(cfg: Stage2Config) -> None:
             "--maxnorm": cfg.maxnorm is not None,
             "--unit-norm": cfg.unit_norm,
             "--trainable last2": cfg.trainable != "fc",
-            "--bn train": cfg.bn != "eval",
+            "--bn train": cfg.bn != "eval" and cfg.fidelity == "corrected",
+            "--fidelity official": cfg.fidelity != "corrected",
             "--sampling balanced": cfg.sampling != "instance",
         }
         clash = [flag for flag, on in trained.items() if on]
@@ -230,7 +258,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
 
 
 def stage2_name(cfg: Stage2Config) -> str:
-    """A stage-2 run directory name from its recipe, e.g. cb-wd0.1-max0.1-s0."""
+    """A stage-2 run directory name from its recipe, e.g. cb-official-wd0.1-max0.1-e10-s0."""
     if cfg.posthoc:
         tau = {"tau-norm": cfg.tau, "logit-adjust": cfg.la_tau, "mla": cfg.tau}.get(cfg.posthoc)
         return cfg.posthoc + (_fmt(tau) if tau is not None else "")
@@ -250,10 +278,22 @@ def stage2_name(cfg: Stage2Config) -> str:
         parts.append("lws")
     if cfg.wd:
         parts.append(f"wd{_fmt(cfg.wd)}")
+    official = cfg.fidelity == "official"  # implies the once-per-epoch projection and BN in train mode
     if cfg.maxnorm is not None:
-        parts.append(f"max{_fmt(cfg.maxnorm)}" + ("-epoch" if cfg.pgd_every == "epoch" else ""))
+        epoch = cfg.pgd_every == "epoch" and not official
+        parts.append(f"max{_fmt(cfg.maxnorm)}" + ("-epoch" if epoch else ""))
     if cfg.unit_norm:
         parts.append("unitnorm")
-    if cfg.bn != "eval":
+    if cfg.bn != "eval" and not official:
         parts.append("bntrain")
+    if official:
+        parts.append("fidelity-official")
     return "-".join(parts + [f"e{cfg.epochs}", f"s{cfg.seed}"])
+
+
+def stage2_inert_fields(cfg: Stage2Config) -> tuple[str, ...]:
+    """Fields that do not change what a stage-2 run computes (cb_variant without the CB loss).
+
+    A run directory made when such a field had another default is still the same run, so it is reused.
+    """
+    return ("cb_variant",) if cfg.loss != "cb" else ()

@@ -88,7 +88,7 @@ def make_loss(
     name: str,
     counts: list[int],
     device: torch.device,
-    cb_variant: str = "standard",
+    cb_variant: str = "official",
     beta: float = 0.9999,
     tau: float = 1.0,
 ):

@@ -159,6 +159,8 @@ def run_label(run: RunLike) -> str:
     if cfg.get("posthoc") == "l2norm":
         return f"{prefix}+ L2-norm"
     parts = [str(cfg.get("loss", "ce")).upper()]
+    if parts == ["CB"] and cfg.get("cb_variant") == "standard":
+        parts = ["CB (weighted CE)"]  # ours; plain "CB" is WB's loss
     if cfg.get("sampling", "instance") != "instance":
         parts = ["cRT"] if cfg.get("reinit") and parts == ["CE"] else parts + ["balanced sampling"]
     if cfg.get("lws"):
@@ -210,6 +212,8 @@ def table1_row(run: RunLike) -> str | None:
     if (cfg.get("lws") or cfg.get("reinit") or cfg.get("loss", "ce") not in ("ce", "cb")
             or cfg.get("posthoc") in ("logit-adjust", "mla")):
         return None  # the comparison baselines are not rows of WB's Table 1
+    if cfg.get("loss") == "cb" and cfg.get("cb_variant") == "standard":
+        return None  # our weighted cross-entropy, not the class-balanced loss behind WB's rows
     if cfg.get("posthoc") == "l2norm":
         return "+ L2norm"
     wd = float(cfg.get("wd", 0.0))

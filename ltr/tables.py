@@ -13,7 +13,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import MLA_TAU, PRESETS, Stage1Config, preset_config, run_name, stage2_name
+from .config import (
+    CB_LABELS,
+    CB_VARIANTS,
+    FIDELITIES,
+    MLA_TAU,
+    OFFICIAL_STAGE2,
+    PRESETS,
+    Stage1Config,
+    preset_config,
+    run_name,
+    stage2_name,
+)
 from .data import LtrError, load_cifar_lt, resolve_device
 from .jobs import check_jobs, run_parallel
 from .precision import check_precision
@@ -78,6 +89,49 @@ class Row:
     stage1: str  # a key of STAGE1_KINDS: "naive", "wd", "aux-balanced", "aux-balanced-rotation", "etf-fr"
     stage2: dict = field(default_factory=dict)  # Stage2Config fields; empty = the stage-1 model
     stage1_fields: dict = field(default_factory=dict)  # Stage1Config fields over the kind's (tuned values)
+    paper: str = ""  # the WB Table 1 row it is compared with; "" = the row of the same name
+
+
+def cb_label(row: Row) -> str:
+    """ "WB's loss" / "weighted CE" for a class-balanced row whose variant is set, else ""."""
+    if row.stage2.get("loss") != "cb":
+        return ""
+    return CB_LABELS.get(row.stage2.get("cb_variant", ""), "")
+
+
+def with_cb_variant(rows: tuple[Row, ...], variant: str | None, preset: str) -> tuple[Row, ...]:
+    """Rows whose class-balanced recipes use `variant`: standard | official | both | None (the preset's).
+
+    With both, each CB row (on the preset's variant, under its own name) is followed by the same recipe with
+    the other loss, named "<row> (<label>)" and compared with the same WB row; the stage-1 runs are shared.
+    """
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if variant not in (None, "both", *CB_VARIANTS):
+        raise LtrError(f"--cb-variant {variant!r} is not one of {(*CB_VARIANTS, 'both')}")
+    own = preset_config("stage2", preset).cb_variant
+    first = own if variant in (None, "both") else variant
+    out: list[Row] = []
+    for row in rows:
+        if row.stage2.get("loss") != "cb":
+            out.append(row)
+            continue
+        out.append(replace(row, stage2={**row.stage2, "cb_variant": first}))
+        if variant == "both":
+            other = next(v for v in CB_VARIANTS if v != first)
+            out.append(replace(row, name=f"{row.name} ({CB_LABELS[other]})", paper=row.paper or row.name,
+                               stage2={**row.stage2, "cb_variant": other}))
+    return tuple(out)
+
+
+def with_fidelity(rows: tuple[Row, ...], fidelity: str) -> tuple[Row, ...]:
+    """Rows whose trained stage-2 recipes run at `fidelity` (stage-1 and post-hoc rows are unchanged)."""
+    if fidelity not in FIDELITIES:
+        raise LtrError(f"--fidelity {fidelity!r} is not one of {FIDELITIES}")
+    if fidelity == "corrected":
+        return rows
+    return tuple(replace(r, stage2={**r.stage2, "fidelity": fidelity, **OFFICIAL_STAGE2})
+                 if r.stage2 and not r.stage2.get("posthoc") else r for r in rows)
 
 
 TABLE1_ROWS: tuple[Row, ...] = (
@@ -249,12 +303,18 @@ def run_table(
     precision: str = "auto",
     jobs: int = 1,
     tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
+    cb_variant: str | None = None,
+    fidelity: str = "corrected",
 ) -> dict[str, Path]:
     """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files.
 
     tuned: sweep directories (ltr.sweep) whose validation-chosen values replace the paper's; the table
     is then written as table1-tuned.md / .csv beside the paper-valued one, and its header says so.
+    cb_variant: the class-balanced loss of the CB rows (standard | official | both; None = the preset's).
+    fidelity: stage 2's (official: WB's epoch-stepped schedule, MaxNorm once per epoch, BN in train mode;
+    the table is then table1[-tuned]-official.md / .csv).
     """
+    rows = with_fidelity(with_cb_variant(rows, cb_variant, preset), fidelity)
     suffix, header = "", ""
     if tuned:
         from .sweep import tune_rows
@@ -262,6 +322,11 @@ def run_table(
         imbalances = [float(i) for i in imbalances]
         rows, header = tune_rows(rows, tuned, preset, dataset, imbalances)
         suffix = "-tuned"
+    if fidelity == "official":
+        suffix += "-official"
+        header += ("**Stage 2 at `--fidelity official`**: WB's cosine stepped at the start of each epoch "
+                   "(the last epoch at lr 0), MaxNorm projected once per epoch, the frozen backbone's BN in "
+                   "train mode, fp32.\n\n")
     where, seeds, imbalances = run_plan(
         rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress, allow_cpu,
         precision=precision, jobs=jobs,
@@ -281,25 +346,51 @@ def _cell(values: list[float | None]) -> tuple[float | None, float | None, int]:
     return float(s.mean()), (float(s.std(ddof=1)) if len(s) > 1 else None), len(s)
 
 
-def best_test_epoch(run_dir: Path) -> float | None:
-    """The best plain test accuracy over a run's evaluated epochs (history.csv); None without epochs.
+def best_test_epoch(run_dir: Path) -> tuple[float, float | None] | None:
+    """WB's reported figure from a run's history.csv: (best plain test accuracy, flip accuracy at that epoch).
 
-    This is what the official code reports (it keeps the best test epoch): optimistic, because the
-    test set picks the epoch. Shown beside the last-epoch figure, never used to choose anything.
+    The official code keeps the epoch with the best plain test accuracy and reports its flip-averaged
+    accuracy: optimistic, because the test set picks the epoch. The flip value is None in a history written
+    before flip accuracy was recorded per epoch. None: no evaluated epoch (a post-hoc run).
     """
     path = Path(run_dir) / "history.csv"
     if not path.exists():
         return None
-    acc = pd.to_numeric(pd.read_csv(path, usecols=["test_acc"])["test_acc"], errors="coerce").dropna()
-    return float(acc.max()) if len(acc) else None
+    hist = pd.read_csv(path)
+    if "test_acc" not in hist:
+        return None
+    plain = pd.to_numeric(hist["test_acc"], errors="coerce")
+    if plain.notna().sum() == 0:
+        return None
+    best = plain.idxmax()  # the first epoch with the maximum, as the official code's strict ">" keeps it
+    flip = pd.to_numeric(hist["test_acc_flip"], errors="coerce")[best] if "test_acc_flip" in hist else None
+    return float(plain[best]), (None if flip is None or pd.isna(flip) else float(flip))
+
+
+def best_test_cells(runs: list[tuple[float, float | None] | None]) -> tuple[list[float | None], str]:
+    """Per-seed optimistic figures and their kind: flip (WB's) when every history has it, else plain."""
+    found = [r for r in runs if r is not None]
+    if found and all(f is not None for _, f in found):
+        return [None if r is None else r[1] for r in runs], "flip"
+    # An older history (no per-epoch flip accuracy): the best plain accuracy, for every seed alike.
+    return [None if r is None else r[0] for r in runs], "plain" if found else ""
 
 
 BEST_NOTE = (
-    "\"best test epoch\" (optimistic): the official protocol, the highest plain test accuracy over the "
-    "epochs a run evaluated (every stage-2 epoch; every `eval_every` stage-1 epochs), read from its "
-    "history.csv. The test set picks the epoch, so it flatters; it is shown only to size how much of a "
-    "gap to WB's numbers that protocol explains, and nothing here is chosen by it. \"–\": a post-hoc "
-    "row has no epochs of its own."
+    "\"best test epoch\" (optimistic): WB's reported figure, the flip-averaged accuracy at the epoch with "
+    "the highest plain test accuracy over the epochs a run evaluated (every stage-2 epoch; every "
+    "`eval_every` stage-1 epochs), read from its history.csv. The test set picks the epoch, so it "
+    "flatters; it is shown only to size how much of a gap to WB's numbers that protocol explains, and "
+    "nothing here is chosen by it. \"(plain)\": a run from before flip accuracy was recorded per epoch, "
+    "showing the highest plain accuracy instead. \"–\": a post-hoc row has no epochs of its own."
+)
+
+
+CB_NOTE = (
+    "CB loss: \"WB's loss\" is the class-balanced loss of WB's code (binary cross-entropy of the softmax "
+    "probabilities against the one-hot label, weighted by the label's class weight, averaged over batch x "
+    "classes: about 1/C of a weighted cross-entropy); \"weighted CE\" is ours (the class-weighted "
+    "cross-entropy, averaged over the batch). WB's columns were made with WB's loss."
 )
 
 
@@ -316,15 +407,18 @@ def collect(rows: tuple[Row, ...], where: dict[tuple[str, float, int], Path], se
                 if path.exists():
                     metrics.append(read_json(path))
                     best.append(best_test_epoch(path.parent))
-            best_mean, best_std, best_n = _cell(best)
+            best_values, best_tta = best_test_cells(best)
+            best_mean, best_std, best_n = _cell(best_values)
+            wb_row = row.paper or row.name
             for tta in ("plain", "flip"):
-                rec: dict = {"imbalance": imb, "row": row.name, "tta": tta, "seeds": len(metrics)}
-                rec.update(best_test_plain_all_mean=best_mean, best_test_plain_all_std=best_std,
-                           best_test_plain_all_n=best_n)
-                paper = PAPER_TABLE1.get(row.name) if imb == 100 and cifar100 else None
+                rec: dict = {"imbalance": imb, "row": row.name, "cb_loss": cb_label(row), "tta": tta,
+                             "seeds": len(metrics)}
+                rec.update(best_test_all_mean=best_mean, best_test_all_std=best_std, best_test_all_n=best_n,
+                           best_test_tta=best_tta)
+                paper = PAPER_TABLE1.get(wb_row) if imb == 100 and cifar100 else None
                 for i, g in enumerate(GROUPS):
                     mean, std, n = _cell([m[tta][g] for m in metrics])
-                    ref = paper[i] if paper else (PAPER_TABLE2.get(row.name, {}).get(int(imb))
+                    ref = paper[i] if paper else (PAPER_TABLE2.get(wb_row, {}).get(int(imb))
                                                   if g == "all" and cifar100 else None)
                     rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"] = mean, std, n
                     rec[f"{g}_paper"] = ref
@@ -347,8 +441,10 @@ def fmt_cell(rec: pd.Series, g: str) -> str:
 
 
 def fmt_best(rec: pd.Series) -> str:
-    """The optimistic best-test-epoch cell: mean ± std over seeds, "–" for post-hoc rows."""
-    return _mean_std(rec, "best_test_plain_all", "–")
+    """The optimistic cell: mean ± std over seeds; "(plain)" marks old histories, "–" a post-hoc row."""
+    cell = _mean_std(rec, "best_test_all", "–")
+    old = rec.get("best_test_tta") == "plain" and not pd.isna(rec["best_test_all_mean"])
+    return cell + (" (plain)" if old else "")
 
 
 def _fmt_num(x: object, signed: bool = False) -> str:
@@ -379,7 +475,8 @@ def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, s
                     dataset: str = "cifar100") -> str:
     """Table 1 as markdown: ours (mean ± std over seeds), WB's value and the difference per group."""
     sub = df[(df.imbalance == imbalance) & (df.tta == tta)]
-    head = ["row"] + [f"{g.capitalize()} ours" for g in GROUPS] + [f"{g.capitalize()} WB" for g in GROUPS]
+    head = ["row", "CB loss"] + [f"{g.capitalize()} ours" for g in GROUPS]
+    head += [f"{g.capitalize()} WB" for g in GROUPS]
     head += [f"Δ {g.capitalize()}" for g in GROUPS] + ["All, best test epoch (optimistic)"]
     lines = [
         f"# Table 1: {dataset.upper()}-LT, imbalance factor {imbalance:g} (preset `{preset}`)",
@@ -391,8 +488,10 @@ def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, s
         "",
         BEST_NOTE,
         "",
+        CB_NOTE,
+        "",
     ]
-    body = [[rec["row"]] + [fmt_cell(rec, g) for g in GROUPS]
+    body = [[rec["row"], rec["cb_loss"] or "–"] + [fmt_cell(rec, g) for g in GROUPS]
             + [_fmt_num(rec[f"{g}_paper"]) for g in GROUPS]
             + [_fmt_num(rec[f"{g}_diff"], signed=True) for g in GROUPS] + [fmt_best(rec)]
             for _, rec in sub.iterrows()]

@@ -21,6 +21,7 @@ from .config import (
     Stage2Config,
     preset_config,
     run_name,
+    stage2_inert_fields,
     stage2_name,
     validate_stage1,
     validate_stage2,
@@ -77,7 +78,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, fidelity: str = "cor
     """Multiplier of the base lr at optimizer step `step` (0-based): cosine from 1 to 0."""
     if fidelity == "official":
         # The official code steps CosineAnnealingLR(T_max=epochs) at the START of each epoch,
-        # so epoch e (0-based) runs at the rate meant for e + 1.
+        # so epoch e (0-based) runs at the rate meant for e + 1, and the last epoch at exactly 0.
         epoch = step // max(steps_per_epoch, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch + 1, epochs) / epochs))
     total = max(steps_per_epoch * epochs, 1)
@@ -202,6 +203,7 @@ def _fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = torch.zeros((), device=device, dtype=torch.long)
+        epoch_lr = opt.param_groups[0]["lr"]
         for batches in zip(*job.loaders, strict=True):
             opt.zero_grad(set_to_none=True)
             images = job.step.inputs(batches)
@@ -213,6 +215,9 @@ def _fit(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            # The rate this step used (history's lr: with the official schedule, the rate after the
+            # last step already belongs to the next epoch).
+            epoch_lr = opt.param_groups[0]["lr"]
             sched.step()
             if job.after_step is not None:
                 job.after_step()
@@ -234,7 +239,7 @@ def _fit(
             )
         row = {
             "epoch": epoch + 1,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": epoch_lr,  # the rate of the epoch's last step
             "train_loss": round(train_loss, 6),
             "train_acc": round(100.0 * float(correct) / max(seen, 1), 4),
             "test_acc": "",
@@ -342,12 +347,17 @@ def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _claim(out: Path, stage: str, config: dict) -> dict | None:
-    """claim_run_dir, reading a field that an older config.json lacks as its default (LATER_DEFAULTS)."""
+def _claim(out: Path, stage: str, config: dict, inert: tuple[str, ...] = ()) -> dict | None:
+    """claim_run_dir, reading a field that an older config.json lacks as its default (LATER_DEFAULTS).
+
+    inert: fields that do not change this run (stage2_inert_fields); they match whatever was recorded.
+    """
     if (out / "config.json").exists():
         prev = read_json(out / "config.json").get("config", {})
         missing = object()
-        config = {k: v for k, v in config.items() if k in prev or LATER_DEFAULTS.get(k, missing) != v}
+        config = {k: v for k, v in config.items()
+                  if k in prev or (k not in inert and LATER_DEFAULTS.get(k, missing) != v)}
+        config.update({k: prev[k] for k in inert if k in prev})
     return claim_run_dir(out, stage, config)
 
 
@@ -636,7 +646,7 @@ def _stage2_job(cfg: Stage2Config, model: nn.Module, data: LTData,
         lr=cfg.lr,
         momentum=cfg.momentum,
         wd=cfg.wd,
-        fidelity="corrected",
+        fidelity=cfg.fidelity,
         eval_every=cfg.eval_every,
         train_mode=cfg.bn == "train",
         after_step=after_step,
@@ -680,12 +690,12 @@ def train_stage2(
         out = Path("exp/stage2") / Path(cfg.from_run).name / stage2_name(cfg)
     out = Path(out)
     config = asdict(cfg)
-    done = _claim(out, "stage2", config)
+    done = _claim(out, "stage2", config, stage2_inert_fields(cfg))
     if done is not None:
         return done
     check_precision(precision)
     dev = resolve_device(device)
-    asked, precision = precision, resolve_precision(precision, dev)
+    asked, precision = precision, resolve_precision(precision, dev, cfg.fidelity)
     model, s1 = load_stage1(cfg.from_run, None, dev)
     if root is None:
         root = stage1_data_root(cfg.from_run)

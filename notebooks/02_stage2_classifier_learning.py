@@ -217,9 +217,17 @@ notebook_tools.show_sweep(REFERENCE / "sweep-tau", "committed reference, cpu pre
 #
 # $$\alpha_c \propto \frac{1 - \beta}{1 - \beta^{n_c}}, \qquad \beta = 0.9999,$$
 #
-# normalised so that the $C$ weights sum to $C$ ($n_c$ = training images of class $c$). The loss is the
-# cross-entropy of each image times $\alpha_{y}$ of its label, averaged over the batch: rare classes weigh
-# more. (We write $\alpha_c$ for these loss weights, to keep $w_c$ for the classifier rows.) The cell
+# normalised so that the $C$ weights sum to $C$ ($n_c$ = training images of class $c$): rare classes weigh
+# more. (We write $\alpha_c$ for these loss weights, to keep $w_c$ for the classifier rows.) The loss is
+# **WB's**, the one their code trains every class-balanced row with: binary cross-entropy of the softmax
+# probabilities $p_{ic}$ against the one-hot label $t_{ic}$, each image weighted by $\alpha_{y_i}$, averaged
+# over the whole $B \times C$ batch,
+#
+# $$L = -\frac{1}{BC} \sum_{i=1}^{B} \sum_{c=1}^{C} \alpha_{y_i}
+# \big[t_{ic} \log p_{ic} + (1 - t_{ic}) \log(1 - p_{ic})\big].$$
+#
+# Dividing by $C$ makes it about $1/C$ of the class-weighted cross-entropy (`cb_variant="standard"`, ours):
+# a gentle push that leaves room for weight decay to act, which matters in the next section. The cell
 # computes the weights by hand, to see them (the trainer has its own), then retrains.
 
 # %%

@@ -192,6 +192,11 @@ def test_table1_rows_and_labels() -> None:
     for (loss, wd, mx, unit), row in cases.items():
         cfg = {"loss": loss, "wd": wd, "maxnorm": mx, "unit_norm": unit, "trainable": "fc"}
         assert plots.table1_row(_fake("stage2", cfg, tuned)) == row
+    # Our weighted cross-entropy is not the loss of WB's CB rows: no WB row, and labelled as ours.
+    ours = {"loss": "cb", "wd": 0.1, "maxnorm": 0.1, "unit_norm": False, "trainable": "fc",
+            "cb_variant": "standard"}
+    assert plots.table1_row(_fake("stage2", ours, tuned)) is None
+    assert plots.run_label(_fake("stage2", ours, tuned)) == "+ CB (weighted CE) & WD & MaxNorm"
     last2 = {"loss": "cb", "wd": 0.1, "maxnorm": 0.1, "trainable": "last2"}
     assert plots.table1_row(_fake("stage2", last2, tuned)) == "last two layers + CB & WD & Max"
     assert plots.run_label(_fake("stage2", last2, naive)) == "WD=0 last two layers + CB & WD & MaxNorm"

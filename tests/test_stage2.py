@@ -72,6 +72,36 @@ def test_cb_losses_match_definitions() -> None:
     assert float(class_balanced_softmax_bce(logits, y, w)) == pytest.approx(float(expect), rel=1e-5)
 
 
+def test_wb_loss_is_a_transcription_of_its_formula_value_and_gradient() -> None:
+    """WB's CB loss against its formula written out: BCE(softmax, one-hot), weight w_y, mean over B x C."""
+    g = torch.Generator().manual_seed(1)
+    b, c = 16, 100
+    logits = torch.randn(b, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (b,), generator=g)
+    w = class_balanced_weights(torch.randint(1, 500, (c,), generator=g).tolist())
+
+    def transcribed(z: torch.Tensor) -> torch.Tensor:
+        p = torch.exp(z - torch.logsumexp(z, dim=1, keepdim=True))
+        t = torch.zeros(b, c, dtype=z.dtype)
+        t[torch.arange(b), y] = 1.0
+        per_entry = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+        return (w.double()[y][:, None] * per_entry).sum() / (b * c)
+
+    ours_in = logits.float().clone().requires_grad_(True)
+    ours = class_balanced_softmax_bce(ours_in, y, w)
+    ours.backward()
+    ref_in = logits.clone().requires_grad_(True)
+    ref = transcribed(ref_in)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(ours_in.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-8)
+    # The mean over the C columns makes its gradient about 1/C of the weighted cross-entropy's (SPEC 4).
+    ce_in = logits.float().clone().requires_grad_(True)
+    class_balanced_ce(ce_in, y, w).backward()
+    ratio = float(ours_in.grad.norm() / ce_in.grad.norm())
+    assert 0.5 / c < ratio < 2.0 / c
+
+
 def test_logit_adjustment() -> None:
     logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
     prior = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -141,6 +171,60 @@ def test_bn_train_reproduces_drift(stage1: Path, small_root: Path, tmp_path: Pat
     assert torch.equal(before["conv1.weight"], after["conv1.weight"])
 
 
+def test_official_fidelity_is_wbs_stage2(stage1: Path, small_root: Path, tmp_path: Path) -> None:
+    """One switch: epoch-stepped cosine (last epoch at lr 0), MaxNorm once per epoch, BN in train mode."""
+    import json
+
+    import pandas as pd
+
+    from ltr.config import stage2_name
+
+    epochs = 4
+    cfg = stage2_from(stage1, "paper", loss="cb", wd=0.1, maxnorm=0.1, epochs=epochs, fidelity="official")
+    assert (cfg.pgd_every, cfg.bn) == ("epoch", "train")
+    assert stage2_name(cfg) == f"cb-official-wd0.1-max0.1-fidelity-official-e{epochs}-s0"
+    out = tmp_path / "official"
+    train_stage2(cfg, out, root=small_root, device="cpu", progress=False)
+    lr = pd.read_csv(out / "history.csv")["lr"].tolist()
+    # CosineAnnealingLR(T_max=epochs) stepped at the start of each epoch: epoch e runs at the rate for e + 1.
+    expect = [0.01 * 0.5 * (1 + math.cos(math.pi * (e + 1) / epochs)) for e in range(epochs)]
+    assert lr == pytest.approx(expect)
+    assert lr[-1] == 0.0 and lr[0] < 0.01
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["fidelity"] == "official" and info["runtime"]["precision"] == "fp32"
+    before, after = _state(stage1), _state(out)
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # BN in train mode
+    delta = maxnorm_threshold(before["fc.weight"], 0.1)
+    assert (after["fc.weight"].norm(dim=1) <= delta + 1e-6).all()  # projected after the last epoch
+
+
+def test_resume_under_another_variant_or_fidelity_clashes(stage1: Path, small_root: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _s2(stage1, small_root, out, loss="cb", epochs=1)
+    for kw in ({"cb_variant": "standard"}, {"fidelity": "official"}):
+        with pytest.raises(LtrError, match="different config"):
+            _s2(stage1, small_root, out, loss="cb", epochs=1, **kw)
+    # cb_variant does not change a CE run: a run made under the other default is reused, not refused.
+    ce = tmp_path / "ce"
+    first = _s2(stage1, small_root, ce, loss="ce", wd=0.1, epochs=1, cb_variant="standard")
+    assert _s2(stage1, small_root, ce, loss="ce", wd=0.1, epochs=1) == first
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cb-variant", "wb"), ("--fidelity", "paper")])
+def test_bad_variant_or_fidelity_flag(stage1: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flag: str,
+                                      value: str) -> None:
+    from ltr.cli import main
+
+    for argv in (["stage2", "--from", str(stage1)], ["table1", "--preset", "tiny"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, flag, value, "--out", str(tmp_path / "o"), "--device", "cpu"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"invalid choice: '{value}'" in err and "official" in err and err.count("error") == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_weight_decay_lowers_classifier_norms(stage1: Path, small_root: Path, tmp_path: Path) -> None:
     plain = _s2(stage1, small_root, tmp_path / "nowd", loss="cb")
     wd = _s2(stage1, small_root, tmp_path / "wd", loss="cb", wd=0.1)
@@ -166,7 +250,9 @@ def test_unit_norm_retraining(stage1: Path, small_root: Path, tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("kw", "match"),
     [({"maxnorm": 0.0}, "maxnorm"), ({"maxnorm": 1.5}, "maxnorm"), ({"tau": -1.0}, "tau"),
-     ({"posthoc": "l2norm", "wd": 0.1}, "--wd"), ({"loss": "focal"}, "loss")],
+     ({"posthoc": "l2norm", "wd": 0.1}, "--wd"), ({"loss": "focal"}, "loss"),
+     ({"fidelity": "official", "pgd_every": "step"}, "one switch"), ({"fidelity": "x"}, "fidelity"),
+     ({"posthoc": "l2norm", "fidelity": "official"}, "--fidelity official")],
 )
 def test_bad_stage2_config(stage1: Path, small_root: Path, tmp_path: Path, kw: dict, match: str) -> None:
     with pytest.raises(LtrError, match=match):
