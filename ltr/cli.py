@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="WB beside aux-balanced and cRT, LWS, LA, BS, LDAM-DRW baselines")
     _add_plan(c, "compare", "; a table1 folder of the same preset reuses its stage-1 runs")
+    c.add_argument("--tuned", nargs="+", default=None, metavar="SWEEP_DIR",
+                   help="use the values these sweeps chose on validation (ltr sweep) instead of WB's; "
+                        "writes compare-tuned.md / .csv beside compare.md")
 
     t = sub.add_parser("table1", help="regenerate WB Table 1 (and Table 2) with every run it needs")
     _add_plan(t, "table1", "")
@@ -332,7 +335,8 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
     out = _plan_out(args, "compare")
-    return _print_plan(out, "compare.md", run_compare(out=out, **_plan_kwargs(args)))
+    files = run_compare(out=out, tuned=args.tuned or (), **_plan_kwargs(args))
+    return _print_plan(out, "compare-tuned.md" if args.tuned else "compare.md", files)
 
 
 def main(argv: list[str] | None = None) -> int:

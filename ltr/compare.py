@@ -169,20 +169,36 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int]) 
 
 
 def write_compare(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int], preset: str,
-                  tta: str = "flip", figures: bool = True) -> dict[str, Path]:
-    """compare.csv, compare.md, compare_runs.json and figures-compare/ (the first seed's runs)."""
+                  tta: str = "flip", figures: bool = True, suffix: str = "",
+                  header: str = "") -> dict[str, Path]:
+    """compare{suffix}.csv / .md, compare{suffix}_runs.json, compare{suffix}_groups.png and figures.
+
+    suffix keeps a variant apart in the same folder ("-tuned"); header is markdown above the table.
+    """
     # Every name starts with "compare", so the folder may be a Table 1 folder whose runs it reuses.
     df = compare_frame(rows, where, seeds, preset)
-    files = {"compare.csv": out / "compare.csv", "compare.md": out / "compare.md"}
-    write_atomic(files["compare.csv"], df.to_csv(index=False))
-    write_atomic(files["compare.md"], synthetic_note(where) + markdown_compare(df, tta, preset, seeds))
-    write_json(out / "compare_runs.json", {
+    csv, md = f"compare{suffix}.csv", f"compare{suffix}.md"
+    files = {csv: out / csv, md: out / md}
+    write_atomic(files[csv], df.to_csv(index=False))
+    write_atomic(files[md], synthetic_note(where) + header + markdown_compare(df, tta, preset, seeds))
+    write_json(out / f"compare{suffix}_runs.json", {
         "preset": preset, "seeds": seeds, "imbalances": [IMBALANCE],
         "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
         "rows": [asdict(r) for r in rows],
     })
     if figures:
-        files.update(table_figures(rows, out, where, seeds[0], IMBALANCE, preset, "figures-compare"))
+        from . import plots
+
+        # The figure a reader looks at first: every method's groups with their spread over seeds.
+        note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
+        if synthetic_note(where):
+            note += " [SYNTHETIC data: describes the code, not the paper]"
+        fig = plots.plot_group_summary(df, tta=tta)
+        fig.suptitle(f"CIFAR100-LT IF 100, seeds {', '.join(map(str, seeds))}{note}", fontsize=9)
+        png = out / f"compare{suffix}_groups.png"
+        write_atomic(png, plots.figure_png(fig))
+        files[png.name] = png
+        files.update(table_figures(rows, out, where, seeds[0], IMBALANCE, preset, f"figures-compare{suffix}"))
     return files
 
 
@@ -200,9 +216,21 @@ def run_compare(
     rows: tuple[Row, ...] = COMPARE_ROWS,
     precision: str = "auto",
     jobs: int = 1,
+    tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
 ) -> dict[str, Path]:
-    """Plan, run (finished runs skipped, unfinished resumed) and tabulate the comparison; returns files."""
+    """Plan, run (finished runs skipped, unfinished resumed) and tabulate the comparison; returns files.
+
+    tuned: sweep directories (ltr sweep) whose validation-chosen values replace WB's in WB's rows and in
+    every baseline on the tuned-weight-decay backbone; written as compare-tuned.* beside compare.*.
+    """
     rows = with_cb_variant(rows, None, preset)  # the preset's CB loss, named in compare.csv's cb_loss
+    suffix, header = "", ""
+    if tuned:
+        from .sweep import tune_rows
+
+        rows, header = tune_rows(rows, tuned, preset, DATASET, [IMBALANCE])
+        suffix = "-tuned"
     where, seeds, _ = run_plan(rows, root, out, preset, seeds, [IMBALANCE], DATASET, device, download,
                                compile, progress, allow_cpu, desc="compare", precision=precision, jobs=jobs)
-    return write_compare(rows, Path(out), where, seeds, preset, figures=figures)
+    return write_compare(rows, Path(out), where, seeds, preset, figures=figures, suffix=suffix,
+                         header=header)

@@ -510,6 +510,54 @@ def plot_group_accuracy(
     return _finish(fig, title, save)
 
 
+def plot_group_summary(
+    table: pd.DataFrame | str | os.PathLike,
+    tta: str = "flip",
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Many / Medium / Few / All per method: mean over seeds, ±1 std error bars (compare.csv, table1.csv).
+
+    One panel per group, methods as horizontal bars in the table's order, so a long method name stays
+    readable; the number of seeds behind each bar is printed beside it.
+    """
+    _check_tta(tta)
+    df = pd.read_csv(table) if not isinstance(table, pd.DataFrame) else table
+    need = {"row", "tta", *(f"{g}_mean" for g in (*GROUPS, "all")), *(f"{g}_std" for g in (*GROUPS, "all"))}
+    if not need <= set(df.columns):
+        raise LtrError(f"a group summary needs the columns of compare.csv / table1.csv; missing "
+                       f"{sorted(need - set(df.columns))}")
+    sub = df[df.tta == tta].reset_index(drop=True)
+    if sub.empty:
+        raise LtrError(f"the table has no {tta!r} rows")
+    names = list(sub.row)
+    keys = (*GROUPS, "all")
+    fig = _figure((13.0, 0.9 + 0.32 * len(names)))
+    axes = fig.subplots(1, len(keys), sharey=True)
+    y = np.arange(len(names))
+    for ax, g in zip(axes, keys, strict=True):
+        mean = pd.to_numeric(sub[f"{g}_mean"], errors="coerce").to_numpy(float)
+        std = np.nan_to_num(pd.to_numeric(sub[f"{g}_std"], errors="coerce").to_numpy(float))
+        colour = GROUP_COLOURS.get(g, "0.35")
+        ax.barh(y, np.nan_to_num(mean), xerr=std, color=colour, alpha=0.8, height=0.7,
+                error_kw={"elinewidth": 1.0, "capsize": 2.5})
+        best = np.nanargmax(mean) if np.isfinite(mean).any() else None
+        for i, (m, s) in enumerate(zip(mean, std, strict=True)):
+            text = "no run" if not np.isfinite(m) else f"{m:.1f}" + (f" ±{s:.1f}" if s else "")
+            ax.text((0 if not np.isfinite(m) else m + s) + 1, i, text, va="center", fontsize=7,
+                    fontweight="bold" if i == best else "normal")
+        ax.set_title(GROUP_TITLES[g], fontsize=10)
+        ax.set_xlim(0, max(100.0 if g == "many" else 0.0, float(np.nanmax(mean + std, initial=0)) + 18))
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{n}  (n={int(k)})" for n, k in zip(names, sub.seeds, strict=True)]
+                       if "seeds" in sub else names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.supxlabel(f"test accuracy, % ({'flip-averaged' if tta == 'flip' else 'plain'}), mean ± std over "
+                  "seeds (n = seeds); the best mean of each group in bold", fontsize=8)
+    return _finish(fig, title, save)
+
+
 def plot_sweep(
     summary: pd.DataFrame,
     field: str,

@@ -24,6 +24,7 @@ from ltr.data import LtrError, load_cifar_lt
 from ltr.losses import LDAMLoss, class_balanced_weights, ldam_margins, log_prior, make_loss
 from ltr.methods import add_aux_heads, aux_balanced_step, rotations
 from ltr.models import build_model
+from ltr.plots import plot_group_summary
 from ltr.tables import ONE_STAGE_ROW, PAPER_PEERS, PAPER_TABLE1
 from ltr.train import stage2_from, train_stage1, train_stage2
 
@@ -344,3 +345,23 @@ def test_compare_tiny_table(tiny_root: Path, tmp_path: Path, capsys: pytest.Capt
     run_compare(root=tiny_root, out=out, preset="tiny", seeds=[0], device="cpu", progress=False,
                 figures=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")} == stamps and len(stamps) == 13
+    assert (out / "compare_groups.png").stat().st_size > 5000
+    fig = plot_group_summary(out / "compare.csv", tta="plain")
+    assert len(fig.axes) == 4 and len(fig.axes[0].patches) == len(COMPARE_ROWS)
+    with pytest.raises(LtrError, match="missing"):
+        plot_group_summary(df.drop(columns=["few_std"]))
+    # --tuned: a sweep's validation-chosen tau replaces WB's 1.9 in the tau-norm row only.
+    sweep = tmp_path / "sweep-tau"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({
+        "kind": "tau", "preset": "tiny", "dataset": "cifar100", "imbalance": 100.0, "chosen": 0.6,
+        "preset_value": 1.9, "heldout_chosen": None, "heldout_paper": None}))
+    assert main(["compare", "--root", str(tiny_root), "--preset", "tiny", "--seeds", "0", "--out", str(out),
+                 "--device", "cpu", "--quiet", "--no-figures", "--tuned", str(sweep)]) == 0
+    tuned = json.loads((out / "compare-tuned_runs.json").read_text())
+    dirs = {r["row"]: r["dir"] for r in tuned["runs"]}
+    assert dirs["+ tau-norm"].endswith("tau-norm0.6")
+    plain_dirs = {r["row"]: r["dir"] for r in json.loads((out / "compare_runs.json").read_text())["runs"]}
+    assert dirs["+ LWS"] == plain_dirs["+ LWS"] and dirs["+ tau-norm"] != plain_dirs["+ tau-norm"]
+    assert "Tuned on validation" in (out / "compare-tuned.md").read_text()
+    assert (out / "compare.md").read_text() == md  # the WB-valued table is left as it was
