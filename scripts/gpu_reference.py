@@ -152,7 +152,7 @@ def archive(work: str, out: str, name: str) -> Path:
     os.replace(tmp, target)
     size = target.stat().st_size
     if size > ARCHIVE_LIMIT:
-        print(f"gpu_reference: WARNING {target} is {size / 2**20:.1f} MiB, over 16 MiB: it will not come back")
+        print(f"gpu_reference: WARNING {target} is {size / 2**20:.1f} MiB, over 16 MiB: it cannot come back")
     files = [p for p in out_dir.rglob("*") if p.is_file()]
     if len(files) > MAX_FILES:
         print(f"gpu_reference: WARNING {out_dir} holds {len(files)} files; only {MAX_FILES} come back")
