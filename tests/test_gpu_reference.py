@@ -126,6 +126,7 @@ def _lt50_pack() -> Path | None:
     return None
 
 
+@pytest.mark.real
 @pytest.mark.skipif(_lt50_pack() is None, reason="the lt50 pack (../shared/data) is not here")
 def test_the_lt50_pack_unpacks_and_is_recognised(tmp_path: Path) -> None:
     """What the GPU machine gets: the pack in data/, unpacked once by tarfile, its md5 classified."""
