@@ -10,7 +10,8 @@ batch size, on the same images, in the same process, after warm-up steps, along 
   step loop), autocast to the precision under test (fp16 with a GradScaler, as the trainer
   does). On CUDA also channels_last and the fused SGD kernel. ltr's path is timed once per
   variant: every precision and `torch.compile` mode asked for (by default on CUDA: fp32, fp16,
-  bf16 where the GPU has it, each eager and compiled; on CPU fp32 eager). A compile failure
+  bf16 where the GPU has it, eager, plus compile modes default and reduce-overhead (CUDA graphs)
+  at the precision `auto` picks; on CPU fp32 eager). A compile failure
   falls back to eager and is reported. The fastest variant is printed as the recommended
   trainer flags.
 - reference: the loop most long-tailed-recognition repos copy from the PyTorch tutorials:
@@ -63,7 +64,15 @@ from .data import (
     resolve_device,
 )
 from .models import MODELS, build_model
-from .precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, native_bf16, resolve_precision
+from .precision import (
+    PRECISIONS,
+    autocast,
+    autocast_dtype,
+    grad_scaler,
+    native_bf16,
+    resolve_precision,
+    set_backend_flags,
+)
 
 # The recipe's step (SPEC 3): lr 0.01, momentum 0.9, weight decay 5e-3 (the WD-tuned row).
 LR = 0.01
@@ -73,8 +82,10 @@ WEIGHT_DECAY = 5e-3
 DEFAULT_STEPS = {"cpu": 10, "cuda": 200}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 30}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-# The modes the trainer's --compile can run (torch.compile's default mode); the others are bench-only.
-TRAINER_COMPILE = {"none": "", "default": " --compile"}
+# The modes the trainer can run (--compile, --compile-mode reduce-overhead); the others are bench-only.
+TRAINER_COMPILE = {"none": "", "default": " --compile", "reduce-overhead": " --compile-mode reduce-overhead"}
+# Compiled variants timed by default on CUDA (at the auto precision): each compiles for a minute or so.
+DEFAULT_CUDA_COMPILED = ("default", "reduce-overhead")
 # Dense (no sparsity) tensor-core peaks from the vendor data sheets, in TFLOP/s, per precision:
 # (name as torch.cuda.get_device_name() spells it, bf16, fp16, fp32). fp32 is the TF32 tensor-core
 # peak where the GPU has TF32 (cuDNN runs fp32 convolutions in TF32 by default), else the CUDA-core
@@ -217,8 +228,9 @@ class _Path:
     plain max_memory_allocated would mix them up.
     """
 
-    def __init__(self, dev: torch.device) -> None:
+    def __init__(self, dev: torch.device, precision: str = "fp32") -> None:
         self.dev = dev
+        self.flags_precision = precision  # the trainer's CUDA backend flags for this precision
         self.seconds = 0.0
         self.done = 0
         self.resident = 0
@@ -232,6 +244,7 @@ class _Path:
 
     def warm(self, n: int) -> None:
         """Untimed steps; records the memory this path holds afterwards."""
+        set_backend_flags(self.dev, self.flags_precision)
         before = _allocated(self.dev)
         for _ in range(n):
             self.step()
@@ -240,6 +253,7 @@ class _Path:
 
     def timed(self, n: int) -> None:
         """n steps, synchronised on CUDA around the timed region only."""
+        set_backend_flags(self.dev, self.flags_precision)
         if self.dev.type == "cuda":
             base = torch.cuda.memory_allocated(self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
@@ -320,7 +334,7 @@ class _Ltr(_Path):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, model_name: str,
                  dev: torch.device, batch_size: int, compile_mode: str, precision: str = "fp32") -> None:
-        super().__init__(dev)
+        super().__init__(dev, precision)
         before = _allocated(dev)
         self.loader = DeviceLoader(images, labels, batch_size, dev, seed=0, num_classes=num_classes)
         self.batches = self._full_batches()
@@ -462,6 +476,34 @@ def bench_precisions(precision: str | Sequence[str] | None, dev: torch.device) -
     return list(dict.fromkeys(resolve_precision(p, dev) for p in asked))
 
 
+def bench_variants(precision: str | Sequence[str] | None, compile_mode: str | Sequence[str] | None,
+                   dev: torch.device) -> list[tuple[str, str]]:
+    """(precision, compile mode) of each ltr variant to time.
+
+    Asked-for precisions and modes are timed in every combination. By default every precision runs
+    eager, and on CUDA DEFAULT_CUDA_COMPILED's modes are added at the precision `auto` picks, so that
+    compiling (a minute or so each) happens at most twice; compile modes asked for without precisions
+    likewise run at the auto precision only.
+    """
+    modes = None if compile_mode is None else (
+        [compile_mode] if isinstance(compile_mode, str) else list(dict.fromkeys(compile_mode)))
+    for mode in modes or []:
+        if mode not in COMPILE_MODES:
+            raise LtrError(f"unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    precisions = bench_precisions(precision, dev)
+    if precision is not None and modes is not None:
+        return [(p, m) for p in precisions for m in modes]
+    if modes is None:
+        eager = ["none"]
+        compiled = list(DEFAULT_CUDA_COMPILED) if dev.type == "cuda" else []
+    else:
+        eager = [m for m in modes if m == "none"]
+        compiled = [m for m in modes if m != "none"]
+    auto = resolve_precision("auto", dev)
+    at = precisions if precision is not None else ([auto] if auto in precisions else precisions[:1])
+    return [(p, m) for p in precisions for m in eager] + [(p, m) for p in at for m in compiled]
+
+
 def benchmark(
     model: str = "resnet34",
     device: str | torch.device = "auto",
@@ -478,10 +520,10 @@ def benchmark(
     """Time `steps` training steps of each ltr variant and of the reference after `warmup` steps each.
 
     A variant is one precision (fp32 | fp16 | bf16; auto = the trainer's choice for the device) with
-    one compile mode (COMPILE_MODES); by default on CUDA fp32, fp16 and (where native) bf16, each
-    eager and compiled, on CPU fp32 eager. The timed steps of every path are split into `rounds`
-    chunks that alternate between the paths (reference, variant 1, variant 2, ...), so a change in
-    machine load during the run hits all alike (default: 1 round on CUDA; on CPU one step a round).
+    one compile mode (COMPILE_MODES); which ones by default: bench_variants. The timed steps of every
+    path are split into `rounds` chunks that alternate between the paths (reference, variant 1,
+    variant 2, ...), so a change in machine load during the run hits all alike (default: 1 round on
+    CUDA; on CPU one step a round).
 
     Returns plain JSON types: `variants` (per variant: precision, compile_mode, img_s, step_ms,
     est_mfu, peak_source, train_loss, and on CUDA peak_mem_mib), `recommended` (the fastest
@@ -500,14 +542,7 @@ def benchmark(
     if workers is None:
         # On CUDA the reference gets the worker processes LTR repos use, so it is not starved.
         workers = 0 if kind == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2))
-    if compile_mode is None:
-        modes = ["none", "default"] if kind == "cuda" else ["none"]
-    else:
-        modes = [compile_mode] if isinstance(compile_mode, str) else list(dict.fromkeys(compile_mode))
-    for mode in modes:
-        if mode not in COMPILE_MODES:
-            raise LtrError(f"unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
-    precisions = bench_precisions(precision, dev)
+    pairs = bench_variants(precision, compile_mode, dev)
     if steps < 1 or warmup < 0 or batch_size < 1 or workers < 0 or rounds < 1:
         raise LtrError(
             "need --steps >= 1, --warmup >= 0, --batch-size >= 1, --workers >= 0 and rounds >= 1 "
@@ -541,20 +576,18 @@ def benchmark(
     }
     if kind == "cuda":
         result["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
-    cudnn_before = torch.backends.cudnn.benchmark
+    # Every path runs under the trainer's backend flags for its precision (ltr.precision.set_backend_flags:
+    # cuDNN's autotuner for all, which most LTR repos set too); the caller's flags come back at the end.
+    flags_before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     ref = None
     variants: list[_Ltr] = []
     try:
-        if kind == "cuda":
-            # Both paths get cuDNN's autotuned kernels (most LTR repos set this flag too).
-            torch.backends.cudnn.benchmark = True
         ref = _Reference(images, labels, num_classes, model, dev, batch_size, workers)
         ref.warm(warmup)
-        for prec in precisions:
-            for mode in modes:
-                variant = _Ltr(images, labels, num_classes, model, dev, batch_size, mode, prec)
-                variant.warm(warmup)
-                variants.append(variant)
+        for prec, mode in pairs:
+            variant = _Ltr(images, labels, num_classes, model, dev, batch_size, mode, prec)
+            variant.warm(warmup)
+            variants.append(variant)
         paths: list[_Path] = [ref, *variants]
         chunk = -(-steps // rounds)
         while any(path.done < steps for path in paths):
@@ -563,7 +596,7 @@ def benchmark(
                 if n > 0:
                     path.timed(n)
     finally:
-        torch.backends.cudnn.benchmark = cudnn_before
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = flags_before
         if ref is not None:
             ref.close()
     result["load_avg_after"] = _load_avg()
@@ -657,8 +690,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precisions of ltr's path to time (auto = the trainer's choice here; default: "
                              "fp32, fp16 and, from compute capability 8.0, bf16 on CUDA; fp32 on CPU)")
     parser.add_argument("--compile-mode", nargs="+", default=None, choices=COMPILE_MODES,
-                        help="torch.compile modes of ltr's path to time (default: none and default on "
-                             "CUDA, none on CPU; the trainer's --compile is mode default)")
+                        help="torch.compile modes of ltr's path to time (default on CUDA: none for every "
+                             "precision, default and reduce-overhead at the auto precision only; none on "
+                             "CPU). Modes without --precision run at the auto precision")
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternating timed chunks per path (default: 1 on CUDA, --steps on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -724,8 +758,8 @@ def format_result(r: dict) -> str:
                 f"{'eager' if rec['compile_mode'] == 'none' else 'compile ' + rec['compile_mode']}; "
                 f"--precision auto picks {r['auto_precision']} on this device)")
         if not rec["trainer_can_run"]:
-            line += (f"; compile mode {rec['compile_mode']} is bench-only, the trainer's --compile runs "
-                     "mode default")
+            line += (f"; compile mode {rec['compile_mode']} is bench-only, the trainer runs modes "
+                     "default and reduce-overhead")
         top = rec.get("fastest_overall", {})
         if top and (top["precision"], top["compile_mode"]) != (rec["precision"], rec["compile_mode"]):
             line += (f"; fastest overall: {top['precision']}, compile {top['compile_mode']} "

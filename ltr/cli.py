@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from .config import CB_VARIANTS, FIDELITIES, MLA_TAU, PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
 from .precision import PRECISIONS
+from .train import COMPILE_MODES, DEADLINE_ENV, TimeLimitReached
 
 PRESET_NAMES = " | ".join(PRESETS)
 
@@ -21,6 +24,7 @@ def _add_runtime(p: argparse.ArgumentParser, root: str | None = "data", root_not
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    _add_compile_mode(p, "")
     _add_precision(p)
     p.add_argument("--preset", default="paper", help=f"{PRESET_NAMES} (explicit flags override it)")
     p.add_argument("--out", default=None, help="run directory (default: derived from the config)")
@@ -33,6 +37,18 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                    help="auto (default): bf16 on GPUs with bf16 arithmetic (compute capability >= 8.0: "
                         "A100, H100, RTX 30xx and later), fp16 + GradScaler on older ones (T4, V100), fp32 "
                         "on CPU and with --fidelity official")
+
+
+def _add_compile_mode(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help=f"implies --compile{what}: default (torch.compile's) or reduce-overhead (CUDA "
+                        "graphs: one launch a step, not hundreds); a compile failure falls back to eager")
+
+
+def _add_time_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop every run at its first epoch boundary after this many seconds, with a "
+                        "checkpoint, and exit with code 3; the same command again resumes")
 
 
 def _add_general(p: argparse.ArgumentParser, epochs: str, batch: str, lr: str, every: str) -> None:
@@ -96,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     s1.add_argument("--wd", type=float, default=None, help="weight decay (paper: 5e-3; naive: 0)")
     _add_general(s1, "200", "64", "0.01", "10")
     s1.add_argument("--fidelity", default=None, help="corrected | official (the official quirks)")
+    s1.add_argument("--ckpt-every", type=int, default=None,
+                    help="epochs between checkpoints (default: 1 on CPU, 10 on CUDA)")
     _add_runtime(s1)
+    _add_time_limit(s1)
 
     s2 = sub.add_parser("stage2", help="classifier learning on a finished stage-1 run")
     s2.add_argument("--from", dest="from_run", required=True, help="stage-1 run directory")
@@ -144,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(t, "table1", "")
     t.add_argument("--imbalance", nargs="+", default=["100"], help="imbalance factors (default: 100)")
     t.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10 (WB's tables: cifar100)")
+    _add_compile_mode(t, " (stage 1 only; stage-2 runs train eager)")
+    _add_time_limit(t)
     t.add_argument("--tuned", nargs="+", default=None, metavar="SWEEP_DIR",
                    help="use the values these sweeps chose on validation (ltr sweep) instead of the paper's; "
                         "writes table1-tuned.md / .csv beside table1.md")
@@ -254,7 +275,8 @@ def _report(metrics: dict, out: Path, as_json: bool) -> None:
 def _stage(args: argparse.Namespace, stage: str) -> int:
     from . import train
 
-    skip = {"command", "root", "download", "device", "compile", "precision", "preset", "out", "json", "quiet"}
+    skip = {"command", "root", "download", "device", "compile", "precision", "preset", "out", "json", "quiet",
+            "compile_mode", "ckpt_every", "time_limit"}
     fields = {k: v for k, v in vars(args).items() if k not in skip}
     if stage == "stage1" and fields.get("imbalance") is not None:
         fields["imbalance"] = check_imbalance(fields["imbalance"])
@@ -268,8 +290,11 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
         if fields.get("lws") and fields.get("sampling") is None:
             fields["sampling"] = "balanced"  # Kang et al. learn the scales on class-balanced batches
     cfg = train.preset_config(stage, args.preset, **fields)
+    _set_time_limit(args)
     common = dict(root=args.root, device=args.device, download=args.download,
-                  compile=args.compile, precision=args.precision, progress=not args.quiet)
+                  compile=args.compile or args.compile_mode is not None,
+                  compile_mode=args.compile_mode or "default", precision=args.precision,
+                  progress=not args.quiet, ckpt_every=getattr(args, "ckpt_every", None))
     if stage == "stage1":
         out = Path(args.out) if args.out else Path("exp/stage1") / train.run_name(cfg)
         metrics = train.train_stage1(cfg, out, **common)
@@ -289,6 +314,15 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
+
+
+def _set_time_limit(args: argparse.Namespace) -> None:
+    """--time-limit as the deadline every run (and every worker process) reads from the environment."""
+    limit = getattr(args, "time_limit", None)
+    if limit is not None:
+        if not limit > 0:
+            raise LtrError(f"--time-limit must be a positive number of seconds, got {limit}")
+        os.environ[DEADLINE_ENV] = f"{time.time() + limit:.3f}"
 
 
 def _plan_out(args: argparse.Namespace, name: str) -> Path:
@@ -313,8 +347,12 @@ def _table1(args: argparse.Namespace) -> int:
 
     imbalances = [check_imbalance(i) for i in args.imbalance]
     out = _plan_out(args, "table1")
+    _set_time_limit(args)
+    kwargs = _plan_kwargs(args)
+    kwargs["compile"] = args.compile or args.compile_mode is not None
     files = run_table(out=out, imbalances=imbalances, dataset=args.dataset, tuned=args.tuned or (),
-                      cb_variant=args.cb_variant, fidelity=args.fidelity, **_plan_kwargs(args))
+                      cb_variant=args.cb_variant, fidelity=args.fidelity,
+                      compile_mode=args.compile_mode or "default", **kwargs)
     suffix = ("-tuned" if args.tuned else "") + ("-official" if args.fidelity == "official" else "")
     return _print_plan(out, f"table1{suffix}.md", files)
 
@@ -357,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
 
             return bench.run_cli(args)
+    except TimeLimitReached as exc:
+        print(f"ltr {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
     except LtrError as exc:
         print(f"ltr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .data import LtrError
+from .train import TimeLimitReached
 
 POLL_SECONDS = 0.5  # how often the parent checks that its workers are alive while it waits
 
@@ -55,6 +56,15 @@ def worker_threads() -> int:
     return torch.get_num_threads()
 
 
+def stage_kwargs(stage: str, common: dict) -> dict:
+    """The keyword arguments of one run: a plan compiles stage 1 only.
+
+    A stage-2 run trains for minutes at most on a frozen backbone: compiling it (once per run) would
+    cost more than it saves.
+    """
+    return common if stage == "stage1" else {**common, "compile": False}
+
+
 def _worker(slot: str | None, threads: int, tasks: Any, results: Any, root: str, dataset: str,
             common: dict) -> None:
     """A worker's loop: take (index, stage, config, out, imbalance), train it, report (index, error)."""
@@ -74,9 +84,13 @@ def _worker(slot: str | None, threads: int, tasks: Any, results: Any, root: str,
             if imbalance not in data:
                 data[imbalance] = load_cifar_lt(root, dataset, imbalance)
             train = train_stage1 if stage == "stage1" else train_stage2
-            train(config, out, data=data[imbalance], progress=False, **common)
+            train(config, out, data=data[imbalance], progress=False, **stage_kwargs(stage, common))
+        except TimeLimitReached as exc:  # stopped cleanly: this worker can take the next task (and stop it)
+            results.put((index, ("deadline", str(exc), "")))
+            continue
         except BaseException as exc:  # reported to the parent, which stops everything and raises it
-            results.put((index, (isinstance(exc, LtrError), str(exc), traceback.format_exc())))
+            kind = "ltr" if isinstance(exc, LtrError) else "other"
+            results.put((index, (kind, str(exc), traceback.format_exc())))
             return
         results.put((index, None))
 
@@ -88,7 +102,9 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
     A stage-2 run is handed out only once the stage-1 run it starts from (config.from_run) has finished.
     bar (tqdm) advances by one per finished run. The first run that fails stops the others (their
     checkpoints are kept, so a rerun resumes them) and its error is raised here: an LtrError with the
-    worker's message, anything else as a RuntimeError carrying the worker's traceback.
+    worker's message, anything else as a RuntimeError carrying the worker's traceback. Past the time
+    limit (ltr.train.deadline) no run is handed out any more, the running ones stop at their next epoch
+    boundary with a checkpoint, and TimeLimitReached is raised once they all have.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -104,9 +120,13 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
         w.start()
     waiting, running, done = list(range(len(runs))), set(), set()
     failed = True
+    cut: str | None = None  # the first time-limit message
     try:
         while len(done) < len(runs):
-            for i in [i for i in waiting if needs[i] is None or needs[i] in done]:
+            if cut is not None and not running:
+                failed = False  # every worker is idle: a clean stop
+                raise TimeLimitReached(f"{cut} ({len(done)} of {len(runs)} runs finished)")
+            for i in [i for i in waiting if cut is None and (needs[i] is None or needs[i] in done)]:
                 r = runs[i]
                 tasks.put((i, r.stage, r.config, Path(r.out), r.imbalance))
                 waiting.remove(i)
@@ -124,9 +144,13 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
                     ) from None
                 continue
             if error is not None:
-                is_ltr, message, trace = error
+                kind, message, trace = error
                 run = runs[index]
-                if is_ltr:
+                if kind == "deadline":
+                    cut = cut or message
+                    running.discard(index)
+                    continue
+                if kind == "ltr":
                     raise LtrError(f"{message} [{run.stage} run {run.out}]")
                 raise RuntimeError(f"the {run.stage} run {run.out} failed in a worker process:\n{trace}")
             running.discard(index)

@@ -234,6 +234,48 @@ def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -
     return minutes
 
 
+PAPER_REFERENCE_GLOB = "*-paper"  # exp/reference/<gpu>-paper/: a GPU run of the paper preset
+
+
+def paper_reference(repo: str | os.PathLike) -> Path | None:
+    """The committed paper-preset reference (exp/reference/<gpu>-paper/ holding a table1.csv), or None."""
+    found = sorted(d for d in (Path(repo) / "exp" / "reference").glob(PAPER_REFERENCE_GLOB)
+                   if (d / "table1.csv").is_file())
+    return found[-1] if found else None
+
+
+def show_paper_reference(repo: str | os.PathLike, rows: Sequence[str],
+                         figure: str = "weight_norms") -> Figure | None:
+    """The paper-scale reference's rows beside WB's and one figure drawn from its run directories.
+
+    figure: weight_norms (per-class classifier norms) or group_accuracy (flip). Without a committed
+    paper-preset reference it says so in one line and returns None.
+    """
+    ref = paper_reference(repo)
+    if ref is None:
+        print("No paper-scale (GPU) reference is committed yet (exp/reference/<gpu>-paper/): "
+              "scripts/gpu_reference.sh makes one.")
+        return None
+    table = reference_table(ref, rows)
+    runs = reference_runs(ref)
+    done = {r: runs[r] for r in rows if r in runs}
+    if table is None or not done:
+        return None
+    from IPython.display import display
+
+    display(table)
+    env = read_json(ref / "environment.json") if (ref / "environment.json").is_file() else {}
+    where = f" ({env['gpu']})" if env.get("gpu") else ""
+    if figure == "weight_norms":
+        fig = plots.plot_weight_norms(list(done.values()), labels=list(done))
+    elif figure == "group_accuracy":
+        fig = plots.plot_group_accuracy(list(done.values()), labels=list(done), tta="flip")
+    else:
+        raise ValueError(f"figure must be weight_norms or group_accuracy, got {figure!r}")
+    fig.suptitle(f"paper-scale reference {ref.name}{where}, preset paper")
+    return fig
+
+
 # ---------------------------------------------------------------- tau-norm on cached features
 
 
@@ -401,14 +443,13 @@ def show_feature_analysis(runs: Mapping[str, str | os.PathLike], what: str) -> p
     return table
 
 
-def paper_reference(reference_root: str | os.PathLike) -> Path | None:
-    """The committed paper-scale reference (reference_root/*-paper), or None, said in one line."""
-    found = sorted(p for p in Path(reference_root).glob("*-paper") if (p / "runs.json").is_file())
-    if not found:
-        print(f"No paper-scale reference is committed yet ({Path(reference_root) / '*-paper'}): "
-              "the figure needs a `paper` preset Table 1 run on a GPU.")
-        return None
-    return found[0]
+def paper_reference_said(repo: str | os.PathLike) -> Path | None:
+    """paper_reference(repo), saying in one line when none is committed."""
+    ref = paper_reference(repo)
+    if ref is None:
+        print("No paper-scale reference is committed yet (exp/reference/<gpu>-paper/): the figure needs a "
+              "`paper` preset Table 1 run on a GPU (scripts/gpu_reference.sh).")
+    return ref
 
 
 def show_reference_features(ref: str | os.PathLike | None, rows: Sequence[str],

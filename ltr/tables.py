@@ -26,10 +26,10 @@ from .config import (
     stage2_name,
 )
 from .data import LtrError, load_cifar_lt, resolve_device
-from .jobs import check_jobs, run_parallel
+from .jobs import check_jobs, run_parallel, stage_kwargs
 from .precision import check_precision
 from .rundir import read_json, write_atomic, write_json
-from .train import stage2_from, train_stage1, train_stage2
+from .train import TimeLimitReached, stage2_from, train_stage1, train_stage2
 
 GROUPS = ("many", "medium", "few", "all")
 
@@ -228,6 +228,7 @@ def run_plan(
     desc: str = "table",
     precision: str = "auto",
     jobs: int = 1,
+    compile_mode: str = "default",
 ) -> tuple[dict[tuple[str, float, int], Path], list[int], list[float]]:
     """Run every run the rows need (finished ones skipped, unfinished resumed); (row, IF, seed) -> dir.
 
@@ -256,22 +257,22 @@ def run_plan(
     _claim_out(out, preset, dataset)
     runs, where = plan(rows, out, preset, imbalances, seeds, dataset)
     train_runs(runs, data, dev, root, dataset, compile=compile, precision=precision, jobs=jobs,
-               progress=progress, desc=f"{desc} ({preset})")
+               progress=progress, desc=f"{desc} ({preset})", compile_mode=compile_mode)
     return where, seeds, imbalances
 
 
 def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str | os.PathLike,
                dataset: str, compile: bool = False, precision: str = "auto", jobs: int = 1,
-               progress: bool = True, desc: str = "runs") -> None:
+               progress: bool = True, desc: str = "runs", compile_mode: str = "default") -> None:
     """Train planned runs (stage 1 before the stage 2 on top), finished ones skipped, others resumed.
 
     data maps each imbalance factor to its loaded LTData; jobs > 1 trains independent runs at once in
-    that many worker processes (ltr.jobs), into the same run directories as jobs=1.
+    that many worker processes (ltr.jobs), into the same run directories as jobs=1. compile applies to
+    stage 1 only (ltr.jobs.stage_kwargs).
     """
     from tqdm.auto import tqdm
 
-    common = dict(root=root, device=str(dev), compile=compile, precision=precision,
-                  ckpt_every=1 if dev.type == "cpu" else 10)
+    common = dict(root=root, device=str(dev), compile=compile, precision=precision, compile_mode=compile_mode)
     bar = tqdm(total=len(runs), desc=desc, unit="run", disable=not progress)
     try:
         if jobs > 1:
@@ -280,7 +281,8 @@ def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str 
             for run in runs:
                 bar.set_postfix_str(f"{run.stage} {run.out.name}")
                 train = train_stage1 if run.stage == "stage1" else train_stage2
-                train(run.config, run.out, data=data[run.imbalance], progress=progress, **common)
+                train(run.config, run.out, data=data[run.imbalance], progress=progress,
+                      **stage_kwargs(run.stage, common))
                 bar.update(1)
     finally:
         bar.close()
@@ -305,6 +307,7 @@ def run_table(
     tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
     cb_variant: str | None = None,
     fidelity: str = "corrected",
+    compile_mode: str = "default",
 ) -> dict[str, Path]:
     """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files.
 
@@ -327,10 +330,18 @@ def run_table(
         header += ("**Stage 2 at `--fidelity official`**: WB's cosine stepped at the start of each epoch "
                    "(the last epoch at lr 0), MaxNorm projected once per epoch, the frozen backbone's BN in "
                    "train mode, fp32.\n\n")
-    where, seeds, imbalances = run_plan(
-        rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress, allow_cpu,
-        precision=precision, jobs=jobs,
-    )
+    try:
+        where, seeds, imbalances = run_plan(
+            rows, root, out, preset, seeds, imbalances, dataset, device, download, compile, progress,
+            allow_cpu, precision=precision, jobs=jobs, compile_mode=compile_mode,
+        )
+    except TimeLimitReached:
+        # Cut by the time limit: the tables of what finished ("no run" elsewhere), then the cut itself.
+        seeds, imbalances = [int(s) for s in seeds], [float(i) for i in imbalances]
+        _, where = plan(rows, Path(out), preset, imbalances, seeds, dataset)
+        write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures,
+                     suffix=suffix, header=header)
+        raise
     return write_tables(rows, Path(out), where, seeds, imbalances, preset, dataset=dataset, figures=figures,
                         suffix=suffix, header=header)
 

@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -49,7 +50,14 @@ from .metrics import (
     weight_norms,
 )
 from .models import build_model, fix_etf_classifier
-from .precision import autocast, autocast_dtype, check_precision, grad_scaler, resolve_precision
+from .precision import (
+    autocast,
+    autocast_dtype,
+    check_precision,
+    grad_scaler,
+    resolve_precision,
+    set_backend_flags,
+)
 from .regularizers import (
     ScaledLinear,
     l2_normalize,
@@ -85,6 +93,56 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, fidelity: str = "cor
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+# ---------------------------------------------------------------- time limit and compile
+
+DEADLINE_ENV = "LTR_DEADLINE"  # Unix time after which every run stops at its next epoch boundary
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes the trainer runs
+
+
+class TimeLimitReached(LtrError):
+    """The time limit (LTR_DEADLINE) passed: the run stopped at an epoch boundary, its checkpoint kept."""
+
+
+def deadline() -> float | None:
+    """The time limit of this process (Unix time, from LTR_DEADLINE), or None."""
+    value = os.environ.get(DEADLINE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise LtrError(f"{DEADLINE_ENV}={value!r} is not a Unix time in seconds; unset it") from None
+
+
+def default_ckpt_every(device: torch.device) -> int:
+    """Epochs between checkpoints: every epoch on CPU (minutes each), every 10 on CUDA (a ResNet-34
+    checkpoint is about 170 MB and an epoch a few seconds); a time limit still saves where it stops."""
+    return 10 if device.type == "cuda" else 1
+
+
+def check_compile_mode(mode: str) -> str:
+    """The compile mode, or an LtrError naming the choices."""
+    if mode not in COMPILE_MODES:
+        raise LtrError(f"unknown --compile-mode {mode!r}; choose one of {' | '.join(COMPILE_MODES)}")
+    return mode
+
+
+def _compile(module: nn.Module, mode: str) -> nn.Module | None:
+    """torch.compile(module) for one static shape in mode, or None (warned) when torch refuses at once."""
+    try:
+        return torch.compile(module, dynamic=False, **({} if mode == "default" else {"mode": mode}))
+    except Exception as exc:  # e.g. no compiler for this Python or platform
+        _compile_warning(exc, "")
+        return None
+
+
+def _compile_warning(exc: BaseException, desc: str) -> str:
+    why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+    warnings.warn(f"torch.compile failed ({why}); training {desc or 'this run'} in eager mode instead",
+                  RuntimeWarning, stacklevel=3)
+    return why
+
+
 # ---------------------------------------------------------------- the loop
 
 @dataclass
@@ -107,6 +165,7 @@ class _Job:
     before_epoch: Callable[[int], None] | None = None  # gets the 0-based epoch (deferred re-weighting)
     class_norms: Callable[[], torch.Tensor] | None = None  # per-class norms for history; default fc rows
     predict: Callable[[bool], torch.Tensor] | None = None  # test logits (flip?) without the images
+    compile_error: str | None = None  # why torch.compile fell back to eager, if it did
 
 
 def _fit(
@@ -122,8 +181,14 @@ def _fit(
     desc: str,
     ckpt_every: int,
     stop_after: int | None,
+    compile_mode: str = "default",
 ) -> bool:
-    """Train job for its epochs, resuming from out/ckpt.pt; True when all epochs are done."""
+    """Train job for its epochs, resuming from out/ckpt.pt; True when all epochs are done.
+
+    A compile failure (at compile time or in any compiled step) warns once and trains on in eager mode.
+    Past the time limit (deadline()) the run checkpoints at the end of its epoch and raises
+    TimeLimitReached; rerunning resumes it.
+    """
     from tqdm.auto import tqdm
 
     model = job.model
@@ -170,8 +235,18 @@ def _fit(
     # Compiled for the full batch only (dynamic=False: one static graph, captured once). The last,
     # smaller batch of an epoch runs through the same module uncompiled: one eager step an epoch, the
     # same batches and arithmetic as eager training, and no recompile or re-capture for its shape.
-    compiled = torch.compile(runner, dynamic=False) if compile else runner
+    compiled = (_compile(runner, check_compile_mode(compile_mode)) if compile else None) or runner
+    if compile and compiled is runner:
+        job.compile_error = "torch.compile refused the model"
+    # CUDA graphs (reduce-overhead) reuse their output memory on the next replay: say where a step starts.
+    mark_step = (getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+                 if compile_mode == "reduce-overhead" else None)
     full_batch = job.loaders[0].batch_size // dist.world()[1]  # what each process's shard holds
+    # Ranks that disagreed about the clock would wait on each other forever: one process only.
+    limit = deadline() if dist.world()[1] == 1 else None
+    if limit is not None and start < job.epochs and time.time() >= limit:
+        raise TimeLimitReached(f"time limit reached before {desc} started (epoch {start}/{job.epochs}); "
+                               "rerun to go on")
 
     def save(epoch: int) -> None:
         if not dist.is_main():
@@ -193,6 +268,17 @@ def _fit(
     class_norms = job.class_norms or (lambda: weight_norms(model))
     dtype = autocast_dtype(precision)
     step_autocast = functools.partial(autocast, device.type, dtype)
+    def forward_backward(module: nn.Module, images: tuple, batches: tuple) -> tuple[torch.Tensor, ...]:
+        """One step's forward pass and backward pass through module; (loss, logits, labels)."""
+        if module is not runner and mark_step is not None:
+            mark_step()
+        with step_autocast():
+            outputs = module(*images)
+        loss, logits, y = job.step.loss(model, outputs, batches)
+        # Without fp16 the scaler is off: scale() returns the loss, step() is opt.step().
+        scaler.scale(loss).backward()
+        return loss, logits, y
+
     bar = tqdm(total=job.epochs, initial=start, desc=desc, disable=not (progress and dist.is_main()),
                unit="ep")
     for epoch in range(start, job.epochs):
@@ -207,12 +293,18 @@ def _fit(
         for batches in zip(*job.loaders, strict=True):
             opt.zero_grad(set_to_none=True)
             images = job.step.inputs(batches)
-            run = compiled if all(len(x) == full_batch for x in images) else runner
-            with step_autocast():
-                outputs = run(*images)
-            loss, logits, y = job.step.loss(model, outputs, batches)
-            # Without fp16 the scaler is off: scale() returns the loss, step() is opt.step().
-            scaler.scale(loss).backward()
+            use_compiled = compiled is not runner and all(len(x) == full_batch for x in images)
+            try:
+                loss, logits, y = forward_backward(compiled if use_compiled else runner, images, batches)
+            except Exception as exc:
+                if not use_compiled:
+                    raise
+                # Compilation is lazy: it fails here, in the first (or a later) compiled step. The same
+                # batch runs again in eager mode (a failed forward may have moved BN statistics once).
+                job.compile_error = _compile_warning(exc, desc)
+                compiled = runner
+                opt.zero_grad(set_to_none=True)
+                loss, logits, y = forward_backward(runner, images, batches)
             scaler.step(opt)
             scaler.update()
             # The rate this step used (history's lr: with the official schedule, the rate after the
@@ -265,8 +357,13 @@ def _fit(
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", train=f"{row['train_acc']:.1f}", test=row["test_acc"])
         done = epoch + 1
-        if done % ckpt_every == 0 or done == job.epochs or done == stop_after:
+        out_of_time = limit is not None and done < job.epochs and time.time() >= limit
+        if done % ckpt_every == 0 or done == job.epochs or done == stop_after or out_of_time:
             save(done)
+        if out_of_time:
+            bar.close()
+            raise TimeLimitReached(f"time limit reached: {desc} stopped after epoch {done}/{job.epochs} "
+                                   f"with its checkpoint in {out}; rerun to resume")
         if stop_after is not None and done >= stop_after and done < job.epochs:
             bar.close()
             return False
@@ -374,10 +471,14 @@ def train_stage1(
     compile: bool = False,
     precision: str = "auto",
     progress: bool = True,
-    ckpt_every: int = 1,
+    ckpt_every: int | None = None,
     stop_after: int | None = None,
+    compile_mode: str = "default",
 ) -> dict:
     """Feature learning: train (or resume, or reuse) a stage-1 run and return its metrics.
+
+    compile: torch.compile the step (compile_mode default | reduce-overhead = CUDA graphs), falling back
+    to eager with a warning. ckpt_every: epochs between checkpoints (default: default_ckpt_every).
 
     precision: auto (bf16 on GPUs with native bf16, fp16 with a GradScaler on older GPUs, fp32 on CPU and
     with fidelity "official") | bf16 | fp16 | fp32; the choice is recorded in config.json.
@@ -389,8 +490,11 @@ def train_stage1(
     if done is not None:
         return done
     check_precision(precision)
+    check_compile_mode(compile_mode)
     dev = dist.init(resolve_device(device))
     asked, precision = precision, resolve_precision(precision, dev, cfg.fidelity)
+    backend = set_backend_flags(dev, precision)
+    ckpt_every = default_ckpt_every(dev) if ckpt_every is None else ckpt_every
     dist.check_batch(cfg.batch_size)
     rank, world = dist.world()
     if data is None:
@@ -401,7 +505,7 @@ def train_stage1(
     with RunLock(out) if main else contextlib.nullcontext():
         if main and not (out / "config.json").exists():
             runtime = {**runtime_info(dev, precision, compile, str(root)), "precision_asked": asked,
-                       "processes": world}
+                       "processes": world, "compile_mode": compile_mode if compile else None, **backend}
             write_json(out / "config.json", {"stage": "stage1", "config": config, "runtime": runtime})
         dist.barrier()
         torch.manual_seed(cfg.seed)
@@ -448,14 +552,14 @@ def train_stage1(
         t0 = time.perf_counter()
         finished = _fit(
             job, data, test_x, test_y, out, dev, precision, compile, progress,
-            f"stage1 {out.name}", ckpt_every, stop_after,
+            f"stage1 {out.name}", ckpt_every, stop_after, compile_mode,
         )
         if not finished:
             return {"finished": False, "epoch": stop_after}
         return _finish(
             out, model, data, test_x, test_y, precision,
             {"stage": "stage1", "name": out.name, "epochs": cfg.epochs, "method": cfg.method,
-             "train_seconds": round(time.perf_counter() - t0, 2),
+             "train_seconds": round(time.perf_counter() - t0, 2), "compile_error": job.compile_error,
              "features": stage1_feature_analysis(model, data, test_x, test_y, precision)},
         )
 
@@ -675,8 +779,9 @@ def train_stage2(
     compile: bool = False,
     precision: str = "auto",
     progress: bool = True,
-    ckpt_every: int = 1,
+    ckpt_every: int | None = None,
     stop_after: int | None = None,
+    compile_mode: str = "default",
 ) -> dict:
     """Classifier learning (or a post-hoc normaliser) on a stage-1 run; returns its metrics.
 
@@ -694,8 +799,11 @@ def train_stage2(
     if done is not None:
         return done
     check_precision(precision)
+    check_compile_mode(compile_mode)
     dev = resolve_device(device)
     asked, precision = precision, resolve_precision(precision, dev, cfg.fidelity)
+    backend = set_backend_flags(dev, precision)
+    ckpt_every = default_ckpt_every(dev) if ckpt_every is None else ckpt_every
     model, s1 = load_stage1(cfg.from_run, None, dev)
     if root is None:
         root = stage1_data_root(cfg.from_run)
@@ -716,7 +824,8 @@ def train_stage2(
             write_json(
                 out / "config.json",
                 {"stage": "stage2", "config": config, "stage1": asdict(s1),
-                 "runtime": {**runtime_info(dev, precision, compile, str(root)), "precision_asked": asked}},
+                 "runtime": {**runtime_info(dev, precision, compile, str(root)), "precision_asked": asked,
+                             "compile_mode": compile_mode if compile else None, **backend}},
             )
         test_x = torch.as_tensor(data.test_x, device=dev)
         test_y = torch.as_tensor(data.test_y, device=dev)
@@ -747,7 +856,7 @@ def train_stage2(
         t0 = time.perf_counter()
         finished = _fit(
             job, data, test_x, test_y, out, dev, precision, compile, progress,
-            f"stage2 {out.name}", ckpt_every, stop_after,
+            f"stage2 {out.name}", ckpt_every, stop_after, compile_mode,
         )
         if not finished:
             return {"finished": False, "epoch": stop_after}

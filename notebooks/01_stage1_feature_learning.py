@@ -259,6 +259,11 @@ plots.results_table({N_LABEL: NAIVE, WD_LABEL: WD}, tta="flip", paper=PAPER_TABL
 notebook_tools.show_reference(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
                               changes=[("WD=0 (w/ CE)", "WD tuned (w/ CE)")])
 
+# %%
+# The paper-scale reference (WB's recipe on a GPU, `exp/reference/<gpu>-paper/`) when one is committed:
+# its two stage-1 rows beside WB's and their per-class weight norms, drawn from its run directories.
+notebook_tools.show_paper_reference(REPO, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"], figure="weight_norms")
+
 # %% [markdown]
 # ## 7. Why weight decay helps (or does not)
 #
@@ -301,7 +306,7 @@ notebook_tools.show_reference_features(REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/
                                        "committed reference, cpu preset");
 
 # %%
-PAPER_REFERENCE = notebook_tools.paper_reference(REPO / "exp" / "reference")
+PAPER_REFERENCE = notebook_tools.paper_reference_said(REPO)
 notebook_tools.show_reference_features(PAPER_REFERENCE, ["WD=0 (w/ CE)", "WD tuned (w/ CE)"],
                                        "committed reference, paper preset");
 

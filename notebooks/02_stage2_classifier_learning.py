@@ -336,6 +336,11 @@ notebook_tools.show_reference(REFERENCE, REF_ROWS, changes=[("WD tuned (w/ CE)",
                                                            ("WD tuned (w/ CE)", "+ CB & WD & Max"),
                                                            ("WD tuned (w/ CE)", "+ tau-norm")])
 
+# %%
+# The same rows of the paper-scale reference (WB's recipe on a GPU, `exp/reference/<gpu>-paper/`) when
+# one is committed, with their Many / Medium / Few / All drawn from its run directories.
+notebook_tools.show_paper_reference(REPO, REF_ROWS, figure="group_accuracy")
+
 # %% [markdown]
 # ## 9. Optional: WB beside its neighbours (no training here)
 #

@@ -164,3 +164,20 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, on
     assert r["variants"][0]["compile_error"] == r["compile_error"]
     assert r["ltr_img_s"] > 0
     assert "torch.compile failed" in format_result(r)
+
+
+def test_cuda_default_compiles_at_most_twice() -> None:
+    """On CUDA every precision runs eager and only the auto precision compiles (default, reduce-overhead)."""
+    from ltr.bench import bench_variants
+    from ltr.precision import resolve_precision
+
+    cuda = torch.device("cuda")
+    auto = resolve_precision("auto", cuda)  # bf16 on a GPU with it; fp16 here, where CUDA is absent
+    pairs = bench_variants(None, None, cuda)
+    compiled = [p for p in pairs if p[1] != "none"]
+    assert compiled == [(auto, "default"), (auto, "reduce-overhead")]
+    assert {p for p, m in pairs if m == "none"} >= {"fp32", "fp16"}
+    assert bench_variants(None, None, torch.device("cpu")) == [("fp32", "none")]
+    asked = bench_variants(["fp32", "fp16"], ["none", "default"], cuda)  # asked for: every combination
+    assert len([p for p in asked if p[1] != "none"]) == 2 and len(asked) == 4
+    assert bench_variants(None, ["default"], cuda) == [(auto, "default")]

@@ -60,3 +60,11 @@ def test_each_worker_gets_its_own_gpu_when_several_are_visible(monkeypatch: pyte
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert gpu_slots(cuda, 2) == ["0", "1"]
+
+
+def test_a_plan_compiles_stage1_only() -> None:
+    from ltr.jobs import stage_kwargs
+
+    common = {"compile": True, "compile_mode": "reduce-overhead", "precision": "auto"}
+    assert stage_kwargs("stage1", common)["compile"] is True
+    assert stage_kwargs("stage2", common) == {**common, "compile": False}

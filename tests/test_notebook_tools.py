@@ -153,7 +153,7 @@ def test_feature_analysis_of_references_is_said_when_absent(reference: Path, tmp
     rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
     assert notebook_tools.show_reference_features(reference, rows, "ref") is None
     assert "do not record the Fisher ratio" in capsys.readouterr().out
-    assert notebook_tools.paper_reference(tmp_path / "exp" / "reference") is None
+    assert notebook_tools.paper_reference_said(tmp_path) is None
     assert "No paper-scale reference" in capsys.readouterr().out
     assert notebook_tools.show_reference_features(None, ["WD=0 (w/ CE)"], "paper") is None
     assert capsys.readouterr().out == ""
@@ -236,3 +236,41 @@ def test_tau_figures_and_slider(stage1_run: dict[str, Path], small_root: Path,
 def test_tau_norm_needs_a_finished_stage1_run(tmp_path: Path) -> None:
     with pytest.raises(LtrError, match="not a stage-1 run directory"):
         TauNorm.from_run(tmp_path)
+
+
+def test_paper_reference_shown_when_committed_and_said_when_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """exp/reference/<gpu>-paper/: its rows beside WB's and a figure from its runs; one line without it."""
+    import IPython.display
+
+    from ltr.data import long_tail_counts
+
+    rows = ["WD=0 (w/ CE)", "WD tuned (w/ CE)"]
+    assert notebook_tools.show_paper_reference(tmp_path, rows) is None
+    assert capsys.readouterr().out.count("\n") == 1  # said in one line
+    ref = tmp_path / "exp" / "reference" / "h200-paper"
+    counts = long_tail_counts(100, 100, 100)  # the synthetic tiny files' profile
+    where, runs = {}, []
+    for i, row in enumerate(r for r in TABLE1_ROWS if r.name in rows):
+        cfg = preset_config("stage1", "paper", wd=0.0 if row.stage1 == "naive" else None)
+        rel = Path("stage1") / run_name(cfg)
+        accs = {g: 5.0 * (i + 1) for g in ("many", "medium", "few", "all")}
+        (ref / rel).mkdir(parents=True)
+        write_json(ref / rel / "config.json", {"stage": "stage1", "config": asdict(cfg), "runtime": {}})
+        write_json(ref / rel / "metrics.json", {
+            "plain": accs, "flip": accs, "counts": counts, "synthetic_data": True,
+            "weight_norms": [1.0 + i + c / 100 for c in counts], "per_class_acc": [accs["all"]] * 100})
+        where[row.name, 100.0, 0] = ref / rel
+        runs.append({"row": row.name, "imbalance": 100.0, "seed": 0, "dir": f"/gpu/exp/{rel}"})
+    (ref / "table1.csv").write_text(collect(tuple(TABLE1_ROWS[:3]), where | {
+        ("WD=0 + tau-norm", 100.0, 0): ref / "none"}, [0], [100.0]).to_csv(index=False))
+    write_json(ref / "runs.json", {"preset": "paper", "seeds": [0], "imbalances": [100.0], "runs": runs})
+    write_json(ref / "environment.json", {"gpu": "NVIDIA H200"})
+    assert notebook_tools.paper_reference(tmp_path) == ref
+    shown: list = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    for kind in ("weight_norms", "group_accuracy"):
+        fig = notebook_tools.show_paper_reference(tmp_path, rows, figure=kind)
+        assert "h200-paper (NVIDIA H200)" in fig._suptitle.get_text()
+        assert len(fig.axes[0].get_lines()) + len(fig.axes[0].patches) > 0
+    assert list(shown[0].index) == rows and shown[0].loc["WD tuned (w/ CE)", "ref All"] == 10.0

@@ -200,3 +200,61 @@ def test_stage1_records_feature_analysis_and_flip_history(small_root: Path, tmp_
     assert {"test_acc", "test_acc_flip", "test_fdr"} <= set(hist.columns)
     assert hist["test_fdr"].notna().all() and (hist["test_fdr"] > 0).all()
     assert hist["test_acc_flip"].iloc[-1] == pytest.approx(m["flip"]["all"], abs=1e-3)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(small_root: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled step that raises (lazily, as inductor does) is a warning; the run trains on eagerly."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args: object) -> object:
+            raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*inductor exploded") as caught:
+        m = train_stage1(
+            Stage1Config(**TINY), tmp_path / "c", root=small_root, device="cpu", progress=False,
+            compile=True, compile_mode="reduce-overhead")
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
+    assert m["compile_error"] == "RuntimeError: inductor exploded"
+    assert m["plain"]["all"] > 1  # it trained
+
+    def refuses(module: torch.nn.Module, **kw: object) -> torch.nn.Module:
+        raise RuntimeError("no compiler for this Python")
+
+    monkeypatch.setattr(torch, "compile", refuses)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        m = train_stage1(Stage1Config(**{**TINY, "epochs": 1}), tmp_path / "r", root=small_root, device="cpu",
+                         progress=False, compile=True)
+    assert m["compile_error"]
+
+
+def test_time_limit_stops_at_an_epoch_boundary_and_resumes(small_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past LTR_DEADLINE a run checkpoints after its epoch and raises; without it the run resumes."""
+    import types
+
+    import ltr.train as train
+
+    clock = iter([0.0, 200.0])  # the start check passes, the end of epoch 1 is past the limit
+    fake = types.SimpleNamespace(time=lambda: next(clock), perf_counter=train.time.perf_counter)
+    monkeypatch.setattr(train, "time", fake)
+    monkeypatch.setenv(train.DEADLINE_ENV, "100")
+    cfg = Stage1Config(**TINY)
+    out = tmp_path / "cut"
+    with pytest.raises(train.TimeLimitReached, match="after epoch 1/2"):
+        train_stage1(cfg, out, root=small_root, device="cpu", progress=False, ckpt_every=10)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1  # saved although ckpt_every=10
+    assert not (out / "metrics.json").exists()
+    with pytest.raises(train.TimeLimitReached, match="before stage1"):  # still past it: nothing starts
+        monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: 300.0,
+                                                                 perf_counter=fake.perf_counter))
+        train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
+    monkeypatch.delenv(train.DEADLINE_ENV)
+    m = train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
+    assert m["epochs"] == 2
+    assert (out / "history.csv").read_text().count("\n") == 3  # header + epochs 1 and 2, none twice
