@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the values these sweeps chose on validation (ltr sweep) instead of the paper's; "
                         "writes table1-tuned.md / .csv beside table1.md")
 
-    from .sweep import KINDS
+    from .tuning import KINDS
 
     w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
     w.add_argument("kind", choices=list(KINDS), help="stage1-wd: one stage-1 run per value; tau: post-hoc "
