@@ -27,9 +27,13 @@ install: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two pytest-xdist workers, each test on the worker of its group (tests/conftest.py: its module, the
+# notebook executions first); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 table1: install
 	$(PY) -m ltr table1 --root $(ROOT) --download --preset paper --seeds $(SEEDS)
