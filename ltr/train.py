@@ -281,15 +281,13 @@ def _fdr_or_blank(feats: torch.Tensor, labels: torch.Tensor) -> float | str:
 def stage1_feature_analysis(model: nn.Module, data: LTData, test_feats: torch.Tensor, test_y: torch.Tensor,
                             precision: str) -> dict:
     """Fisher ratio and cone effect of the (plain) test features and the un-augmented training features."""
-    dev = test_y.device
-    train_x = torch.as_tensor(data.train_x, device=dev)
-    feats = {"test": (lambda: test_feats, test_y),
-             "train": (lambda: extract_features(model, train_x, dtype=autocast_dtype(precision)),
-                       torch.as_tensor(data.train_y, device=dev))}
+    train_x = torch.as_tensor(data.train_x, device=test_y.device)
+    train_y = torch.as_tensor(data.train_y, device=test_y.device)
+    train_feats = extract_features(model, train_x, dtype=autocast_dtype(precision))
     out: dict = {}
-    for split, (features, y) in feats.items():
+    for split, (feats, y) in (("test", (test_feats, test_y)), ("train", (train_feats, train_y))):
         try:
-            out[split] = feature_analysis(features(), y)
+            out[split] = feature_analysis(feats, y)
         except ValueError as exc:  # a class with one sample (tiny synthetic data): say why, no NaN
             out[split] = {"error": str(exc)}
     return out
