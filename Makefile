@@ -1,6 +1,7 @@
 # Two commands set up a fresh machine: `make test` (install + lint + tests) and `make table1`
-# (the main job). Both create .venv with the pinned torch when it is missing.
-PYTHON ?= python3.11
+# (the main job). Both create .venv with the pinned torch when it is missing, from the first Python
+# 3.10-3.13 on the PATH (python3, then python3.13 ... python3.10; scripts/find-python) or PYTHON=...
+PYTHON ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
@@ -9,8 +10,14 @@ SEEDS ?= 0 1 2
 
 .PHONY: install test lint table1 compare notebooks strip clean
 
-$(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml Makefile scripts/find-python
+	@if [ -x $(PY) ]; then \
+	  echo "make: using the existing $(VENV) ($$($(PY) --version)); make clean to start from another Python"; \
+	else \
+	  py=$$(sh scripts/find-python $(PYTHON)) || exit 1; \
+	  $$py -m venv $(VENV) || { echo "make: $$py -m venv failed; on Debian / Ubuntu install its venv" \
+	    "package (e.g. python3.12-venv), or name another Python: make test PYTHON=..."; exit 1; }; \
+	fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test]'
 	touch $@
@@ -20,9 +27,13 @@ install: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two pytest-xdist workers, each test on the worker of its group (tests/conftest.py: its module, the
+# notebook executions first); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # With CUDA: the paper preset. Without: the cpu preset for seed 0 (what a CPU can finish), said first.
 table1: install

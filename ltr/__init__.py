@@ -12,6 +12,7 @@ from .train import (  # noqa: E402
     train_stage1,
     train_stage2,
 )
+from .tuning import sweep_grid  # noqa: E402
 
 __all__ = [
     "DataError",
@@ -22,6 +23,7 @@ __all__ = [
     "preset_config",
     "run_sweep",
     "stage2_from",
+    "sweep_grid",
     "train_stage1",
     "train_stage2",
 ]

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2's: corrected (default) | official (WB's epoch-stepped schedule, MaxNorm "
                         "once per epoch, BN in train mode; writes table1-official.md); stage 1 unchanged")
 
-    from .sweep import KINDS
+    from .tuning import KINDS
 
     w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
     w.add_argument("kind", choices=list(KINDS), help="stage1-wd: one stage-1 run per value; tau: post-hoc "

@@ -32,8 +32,10 @@ from .tables import (
     run_plan,
     synthetic_note,
     table_figures,
+    tune_rows,
     with_cb_variant,
 )
+from .tuning import read_tuned, tuned_header
 
 IMBALANCE = 100.0  # the published figures are CIFAR100-LT at imbalance factor 100
 DATASET = "cifar100"
@@ -226,9 +228,9 @@ def run_compare(
     rows = with_cb_variant(rows, None, preset)  # the preset's CB loss, named in compare.csv's cb_loss
     suffix, header = "", ""
     if tuned:
-        from .sweep import tune_rows
-
-        rows, header = tune_rows(rows, tuned, preset, DATASET, [IMBALANCE])
+        chosen = read_tuned(tuned, preset, DATASET, [IMBALANCE])
+        rows = tune_rows(rows, {kind: value for kind, (value, _, _) in chosen.items()})
+        header = tuned_header(chosen, preset)
         suffix = "-tuned"
     where, seeds, _ = run_plan(rows, root, out, preset, seeds, [IMBALANCE], DATASET, device, download,
                                compile, progress, allow_cpu, desc="compare", precision=precision, jobs=jobs)

@@ -87,6 +87,19 @@ class Stage2Config:
     fidelity: str = "corrected"
 
 
+# A preset's own default sweep grids ("sweeps": kind -> values, ltr.tuning.sweep_grid), kept apart from
+# the stage configs so that they never reach a run's config.json. Without one a preset sweeps each kind's
+# full grid (WB's Fig. 4 for the stage-1 weight decay). The quick presets sweep three points, WB's value
+# among them; the stage-1 grid holds the smoke preset's naive (0) and tuned (5e-3) models, so a sweep
+# after notebook 1 or Table 1 trains one new backbone.
+SMOKE_SWEEPS: dict[str, tuple[float, ...]] = {
+    "stage1-wd": (0.0, 1e-3, 5e-3),
+    "tau": (0.0, 1.0, 1.9),
+    "maxnorm": (0.05, 0.1, 0.5),
+    "stage2-wd": (0.0, 1e-2, 0.1),
+    "mla-tau": (0.0, 0.65, 1.3),
+}
+
 PRESETS: dict[str, dict[str, dict]] = {
     "paper": {"stage1": {}, "stage2": {}},
     # The paper's recipe cut to fit a 2-core CPU: all 13 Table-1 rows of one seed on the real CIFAR100-LT
@@ -113,11 +126,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     "smoke": {
         "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
         "stage2": {"epochs": 2, "batch_size": 128, "lr": 0.05, "eval_every": 2},
+        "sweeps": SMOKE_SWEEPS,
     },
     # The fastest end-to-end check of the pipeline (tests): one epoch a stage; numbers mean nothing.
     "tiny": {
         "stage1": {"model": "resnet8", "epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
         "stage2": {"epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
+        "sweeps": SMOKE_SWEEPS,
     },
 }
 

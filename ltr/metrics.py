@@ -43,36 +43,6 @@ def predict_logits(
 
 
 @torch.no_grad()
-def predict_with_features(
-    model: nn.Module,
-    images: torch.Tensor,
-    batch_size: int = 1024,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(plain logits, flip-averaged logits, plain pooled features), float32, from one pass per view.
-
-    Needs a model with `features` and `fc` (every backbone here); the features are what `fc` reads.
-    """
-    was_training = model.training
-    model.eval()
-    plain, flipped, feats = [], [], []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        with autocast(x.device.type, dtype):
-            f = model.features(x)
-            logits = model.fc(f).float()
-            mirror = model.fc(model.features(torch.flip(x, dims=[3]))).float()
-        feats.append(f.float())
-        plain.append(logits)
-        flipped.append(0.5 * (logits + mirror))
-    model.train(was_training)
-    if not plain:
-        empty = torch.zeros(0)
-        return empty, empty, empty
-    return torch.cat(plain), torch.cat(flipped), torch.cat(feats)
-
-
-@torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 1024,
                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pooled penultimate features (after the last ReLU) of uint8 images, eval mode, float32."""

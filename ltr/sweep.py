@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import MLA_TAU, PRESETS, preset_config, run_name, stage2_name
+from .config import PRESETS, preset_config, run_name, stage2_name
 from .data import VAL_PER_CLASS, LtrError, load_cifar_lt, resolve_device
 from .jobs import check_jobs
 from .precision import check_precision
@@ -34,65 +34,22 @@ from .tables import (
     train_runs,
 )
 from .train import stage2_from
+from .tuning import SWEEP_FILE, SweepKind, fmt_score, get_kind, sweep_grid
 
-
-@dataclass(frozen=True)
-class SweepKind:
-    """What a sweep varies: one config field of one Table 1 row's recipe."""
-
-    name: str  # the CLI name (stage1-wd | tau | maxnorm | stage2-wd | mla-tau)
-    field: str  # the Stage1Config / Stage2Config field it sets
-    stage: str  # stage1 | stage2 (stage-2 kinds start from the row's stage-1 model)
-    label: str  # axis label
-    grid: tuple[float, ...]  # default values of a grid search
-    paper: float  # the published value (WB's, or `source`'s)
-    log: bool  # a logarithmic quantity: log x axis, log-uniform Bayesian search
-    low: float  # default range of the Bayesian search (inclusive)
-    high: float
-    row: str  # the Table 1 (or one-stage) row whose recipe every point runs, with `field` replaced
-    source: str = "WB"  # whose value `paper` is
-
-
-KINDS: dict[str, SweepKind] = {
-    # WB Figure 4's grid of weight decay.
-    "stage1-wd": SweepKind("stage1-wd", "wd", "stage1", "stage-1 weight decay",
-                           (0.0, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), 5e-3, True, 1e-4, 2e-2,
-                           "WD tuned (w/ CE)"),
-    # Post-hoc, so a point costs one matrix product on cached features: a fine grid, WB's 1.9 included.
-    "tau": SweepKind("tau", "tau", "stage2", "tau of tau-norm",
-                     tuple(sorted({round(0.2 * i, 1) for i in range(16)} | {1.9})), 1.9, False, 0.0, 3.0,
-                     "+ tau-norm"),
-    "maxnorm": SweepKind("maxnorm", "maxnorm", "stage2", "MaxNorm threshold (+ CB & WD & Max)",
-                         (0.02, 0.05, 0.1, 0.2, 0.5, 1.0), 0.1, True, 0.01, 1.0, "+ CB & WD & Max"),
-    "stage2-wd": SweepKind("stage2-wd", "wd", "stage2", "stage-2 weight decay (+ CB & WD & Max)",
-                           (0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3), 0.1, True, 1e-3, 1.0, "+ CB & WD & Max"),
-    # Hasegawa & Sato's multiplicative logit adjustment of the etf-fr model: post-hoc as tau-norm, seconds.
-    "mla-tau": SweepKind("mla-tau", "tau", "stage2", "tau of multiplicative logit adjustment (one-stage)",
-                         tuple(sorted({round(0.1 * i, 1) for i in range(21)} | {MLA_TAU})), MLA_TAU, False,
-                         0.0, 2.0,
-                         ONE_STAGE_ROW.name, "Hasegawa & Sato"),
-}
 # Rows a sweep may run: WB's Table 1 and the one-stage row of `ltr compare`.
 SWEEP_ROWS: tuple[Row, ...] = (*TABLE1_ROWS, ONE_STAGE_ROW)
 SEARCHES = ("grid", "bayes")
-SWEEP_FILE = "sweep.json"  # what `table1 --tuned` reads
 
 
-def get_kind(kind: str) -> SweepKind:
-    """The SweepKind of a CLI name, or an LtrError listing them."""
-    if kind not in KINDS:
-        raise LtrError(f"unknown sweep {kind!r}; choose one of {', '.join(KINDS)}")
-    return KINDS[kind]
-
-
-def check_values(kind: SweepKind, values: Sequence[float] | None) -> list[float]:
-    """The sorted, distinct values of a sweep (the kind's grid for None), or an LtrError naming one."""
+def check_values(kind: SweepKind, values: Sequence[float] | None, preset: str = "paper") -> list[float]:
+    """The sorted, distinct values of a sweep (the preset's grid for None), or an LtrError naming one."""
+    grid = sweep_grid(kind.name, preset)
     if values is None:
-        return list(kind.grid)
+        return list(grid)
     vals = [float(v) for v in values]
     if not vals:
         raise LtrError(f"--values is empty: give at least one {kind.label} (default grid: "
-                       f"{' '.join(f'{v:g}' for v in kind.grid)})")
+                       f"{' '.join(f'{v:g}' for v in grid)})")
     for v in vals:
         if not math.isfinite(v):
             raise LtrError(f"--values holds {v}: every {kind.label} must be a finite number")
@@ -227,13 +184,13 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
         "class, mean over seeds): the value with the best validation All. **Held-out** (the other 80 images "
         "of each class) reports the choice; the test set as a whole chooses nothing.",
         "",
-        f"- chosen: **{kind.field} = {chosen:g}**, held-out All {_fmt(info['heldout_chosen'])}",
-        f"- {kind.source}'s value: {kind.field} = {paper:g}, held-out All {_fmt(info['heldout_paper'])}"
+        f"- chosen: **{kind.field} = {chosen:g}**, held-out All {fmt_score(info['heldout_chosen'])}",
+        f"- {kind.source}'s value: {kind.field} = {paper:g}, held-out All {fmt_score(info['heldout_paper'])}"
         + ("" if info["heldout_paper"] is not None else " (not in this sweep)"),
     ]
     if not math.isclose(pre, paper):
         lines.append(f"- preset `{info['preset']}`'s value: {kind.field} = {pre:g}, held-out All "
-                     f"{_fmt(info['heldout_preset'])}"
+                     f"{fmt_score(info['heldout_preset'])}"
                      + ("" if info["heldout_preset"] is not None else " (not in this sweep)"))
     if info["heldout_paper"] is not None:
         gap = info["heldout_chosen"] - info["heldout_paper"]
@@ -255,10 +212,6 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
         cells += [_ms(r[f"heldout_{g}_mean"], r[f"heldout_{g}_std"]) for g in GROUPS]
         lines.append("| " + " | ".join(cells + [", ".join(marks)]) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
 
 
 def write_outputs(kind: SweepKind, points: pd.DataFrame, sweep_dir: Path, info: dict,
@@ -319,12 +272,12 @@ def run_sweep(
         raise LtrError(f"unknown --search {search!r}; choose grid or bayes")
     if tta not in ("flip", "plain"):
         raise LtrError(f"unknown --tta {tta!r}; choose flip or plain")
-    vals = check_values(k, values)
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    vals = check_values(k, values, preset)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise LtrError(f"--seeds {seeds}: give at least one seed, each once")
-    if preset not in PRESETS:
-        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if search == "bayes" and (not isinstance(trials, int) or trials < 1):
         raise LtrError(f"--trials must be a whole number >= 1, got {trials!r}")
     check_precision(precision)
@@ -425,60 +378,3 @@ def _bayes(optuna, k: SweepKind, lo: float, hi: float, trials: int, sdir: Path, 
         _, points = plan_points(k, [v], out, preset, seeds, imbalance, dataset, from_run)
         records += point_records(points, tta, trial=t.number)
     return records
-
-
-# ---------------------------------------------------------------- table1 --tuned
-
-
-def tune_rows(rows: tuple[Row, ...], sweep_dirs: Sequence[str | os.PathLike], preset: str, dataset: str,
-              imbalances: Sequence[float]) -> tuple[tuple[Row, ...], str]:
-    """Table 1's rows with the values chosen by sweeps in place of the paper's, and a markdown header.
-
-    stage1-wd sets the tuned-weight-decay backbone ("wd" rows); tau the tau-norm rows on that backbone;
-    maxnorm every MaxNorm row; stage2-wd every row with stage-2 weight decay.
-    """
-    chosen: dict[str, tuple[float, dict, Path]] = {}
-    for d in sweep_dirs:
-        path = Path(d) / SWEEP_FILE
-        if not path.exists():
-            raise LtrError(f"--tuned {d}: no {SWEEP_FILE} there; run `python -m ltr sweep ...` first (its "
-                           "folder is out/sweep-KIND)")
-        info = read_json(path)
-        if (info["preset"], info["dataset"]) != (preset, dataset):
-            raise LtrError(f"--tuned {d} was swept with --preset {info['preset']} on {info['dataset']}, this "
-                           f"table is --preset {preset} on {dataset}: sweep in the table's recipe")
-        if float(info["imbalance"]) not in [float(i) for i in imbalances]:
-            raise LtrError(f"--tuned {d} was swept at imbalance factor {info['imbalance']:g}, which this "
-                           f"table does not have ({', '.join(f'{i:g}' for i in imbalances)})")
-        if info["kind"] in chosen:
-            raise LtrError(f"--tuned names two {info['kind']} sweeps ({chosen[info['kind']][2]} and {d}); "
-                           "keep one")
-        chosen[info["kind"]] = (float(info["chosen"]), info, Path(d))
-    new = []
-    for row in rows:
-        s2 = dict(row.stage2)
-        s1 = dict(row.stage1_fields)
-        if "stage1-wd" in chosen and row.stage1 == "wd":
-            s1["wd"] = chosen["stage1-wd"][0]
-        if "tau" in chosen and s2.get("posthoc") == "tau-norm" and row.stage1 == "wd":
-            s2["tau"] = chosen["tau"][0]
-        if "maxnorm" in chosen and s2.get("maxnorm") is not None:
-            s2["maxnorm"] = chosen["maxnorm"][0]
-        if "stage2-wd" in chosen and s2.get("wd"):
-            s2["wd"] = chosen["stage2-wd"][0]
-        if "mla-tau" in chosen and s2.get("posthoc") == "mla":
-            s2["tau"] = chosen["mla-tau"][0]
-        new.append(replace(row, stage2=s2, stage1_fields=s1))
-    lines = ["**Tuned on validation (`ltr sweep`), not the paper's values.** Rows keep WB's names; WB's "
-             "columns are the paper's numbers with the paper's values.", ""]
-    applies = {"stage1-wd": "the tuned-weight-decay backbone and every row on it",
-               "tau": "the tau-norm row on the tuned-weight-decay backbone",
-               "maxnorm": "every MaxNorm row", "stage2-wd": "every row with stage-2 weight decay",
-               "mla-tau": "every multiplicative-logit-adjustment row (the one-stage recipe)"}
-    for name, (v, info, d) in chosen.items():
-        k = KINDS[name]
-        lines.append(f"- {k.label}: **{v:g}** ({k.source}: {k.paper:g}; preset `{preset}`: "
-                     f"{info['preset_value']:g}) for {applies[name]}, chosen on validation by `{d}` "
-                     f"(held-out All {_fmt(info.get('heldout_chosen'))} vs {_fmt(info.get('heldout_paper'))} "
-                     f"with {k.source}'s value)")
-    return tuple(new), "\n".join(lines) + "\n\n"

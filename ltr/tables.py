@@ -30,6 +30,7 @@ from .jobs import check_jobs, run_parallel, stage_kwargs
 from .precision import check_precision
 from .rundir import read_json, write_atomic, write_json
 from .train import TimeLimitReached, stage2_from, train_stage1, train_stage2
+from .tuning import read_tuned, tuned_header
 
 GROUPS = ("many", "medium", "few", "all")
 
@@ -288,6 +289,26 @@ def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str 
         bar.close()
 
 
+def tune_rows(rows: tuple[Row, ...], chosen: dict[str, float]) -> tuple[Row, ...]:
+    """Table 1's rows with values chosen by sweeps (by kind, ltr.tuning.APPLIES) in place of the paper's."""
+    new = []
+    for row in rows:
+        s2 = dict(row.stage2)
+        s1 = dict(row.stage1_fields)
+        if "stage1-wd" in chosen and row.stage1 == "wd":
+            s1["wd"] = chosen["stage1-wd"]
+        if "tau" in chosen and s2.get("posthoc") == "tau-norm" and row.stage1 == "wd":
+            s2["tau"] = chosen["tau"]
+        if "maxnorm" in chosen and s2.get("maxnorm") is not None:
+            s2["maxnorm"] = chosen["maxnorm"]
+        if "stage2-wd" in chosen and s2.get("wd"):
+            s2["wd"] = chosen["stage2-wd"]
+        if "mla-tau" in chosen and s2.get("posthoc") == "mla":
+            s2["tau"] = chosen["mla-tau"]
+        new.append(replace(row, stage2=s2, stage1_fields=s1))
+    return tuple(new)
+
+
 def run_table(
     rows: tuple[Row, ...] = TABLE1_ROWS,
     root: str | os.PathLike = "data",
@@ -320,10 +341,10 @@ def run_table(
     rows = with_fidelity(with_cb_variant(rows, cb_variant, preset), fidelity)
     suffix, header = "", ""
     if tuned:
-        from .sweep import tune_rows
-
         imbalances = [float(i) for i in imbalances]
-        rows, header = tune_rows(rows, tuned, preset, dataset, imbalances)
+        chosen = read_tuned(tuned, preset, dataset, imbalances)
+        rows = tune_rows(rows, {kind: value for kind, (value, _, _) in chosen.items()})
+        header = tuned_header(chosen, preset)
         suffix = "-tuned"
     if fidelity == "official":
         suffix += "-official"

@@ -46,7 +46,6 @@ from .metrics import (
     feature_analysis,
     fisher_ratio,
     per_class_accuracy,
-    predict_with_features,
     weight_norms,
 )
 from .models import build_model, fix_etf_classifier
@@ -166,6 +165,7 @@ class _Job:
     class_norms: Callable[[], torch.Tensor] | None = None  # per-class norms for history; default fc rows
     predict: Callable[[bool], torch.Tensor] | None = None  # test logits (flip?) without the images
     compile_error: str | None = None  # why torch.compile fell back to eager, if it did
+    final_features: dict[str, torch.Tensor] | None = None  # test features of the last epoch (set by _fit)
 
 
 def _fit(
@@ -341,16 +341,17 @@ def _fit(
             # Plain and flip-averaged accuracy at every evaluated epoch (WB's reported figure is the flip
             # accuracy of the epoch with the best plain accuracy), and the test features' Fisher ratio
             # from the same pass (no second pass over the data).
-            feats = None
-            if job.predict is not None:
-                logits, flip_logits = job.predict(False), job.predict(True)
-            else:
-                logits, flip_logits, feats = predict_with_features(model, test_x, dtype=dtype)
-            for key, out_logits in (("test_acc", logits), ("test_acc_flip", flip_logits)):
+            feats, predict = None, job.predict
+            if predict is None:
+                feats = view_features(model, test_x, precision)
+                predict = feature_predictor(model, feats)
+                if epoch + 1 == job.epochs:  # the final model's: its evaluation reuses them
+                    job.final_features = feats
+            for key, flip in (("test_acc", False), ("test_acc_flip", True)):
                 row[key] = round(float(
-                    per_class_accuracy(out_logits.argmax(1), test_y, data.num_classes).nanmean()), 4)
+                    per_class_accuracy(predict(flip).argmax(1), test_y, data.num_classes).nanmean()), 4)
             if feats is not None:
-                row["test_fdr"] = _fdr_or_blank(feats, test_y)
+                row["test_fdr"] = _fdr_or_blank(feats["plain"], test_y)
         norms = class_norms().cpu().tolist()
         row.update({f"wn_{c}": round(v, 6) for c, v in enumerate(norms)})
         history.append(row)
@@ -381,16 +382,16 @@ def _fdr_or_blank(feats: torch.Tensor, labels: torch.Tensor) -> float | str:
         return ""
 
 
-def stage1_feature_analysis(model: nn.Module, data: LTData, test_x: torch.Tensor, test_y: torch.Tensor,
+def stage1_feature_analysis(model: nn.Module, data: LTData, test_feats: torch.Tensor, test_y: torch.Tensor,
                             precision: str) -> dict:
-    """Fisher ratio and cone effect of the test features and the un-augmented training features."""
-    dtype = autocast_dtype(precision)
+    """Fisher ratio and cone effect of the (plain) test features and the un-augmented training features."""
+    train_x = torch.as_tensor(data.train_x, device=test_y.device)
+    train_y = torch.as_tensor(data.train_y, device=test_y.device)
+    train_feats = extract_features(model, train_x, dtype=autocast_dtype(precision))
     out: dict = {}
-    train_x = torch.as_tensor(data.train_x, device=test_x.device)
-    train_y = torch.as_tensor(data.train_y, device=test_x.device)
-    for split, (x, y) in (("test", (test_x, test_y)), ("train", (train_x, train_y))):
+    for split, (feats, y) in (("test", (test_feats, test_y)), ("train", (train_feats, train_y))):
         try:
-            out[split] = feature_analysis(extract_features(model, x, dtype=dtype), y)
+            out[split] = feature_analysis(feats, y)
         except ValueError as exc:  # a class with one sample (tiny synthetic data): say why, no NaN
             out[split] = {"error": str(exc)}
     return out
@@ -556,11 +557,18 @@ def train_stage1(
         )
         if not finished:
             return {"finished": False, "epoch": stop_after}
+        train_seconds = round(time.perf_counter() - t0, 2)
+        # One pass over the test images (plain and mirrored) serves the last epoch's history row, the
+        # metrics, the feature analysis and every classifier-only stage 2 on this run (cached here).
+        feats = job.final_features or view_features(model, test_x, precision)
+        if dist.is_main():
+            save_test_features(out, feats, precision)
         return _finish(
             out, model, data, test_x, test_y, precision,
             {"stage": "stage1", "name": out.name, "epochs": cfg.epochs, "method": cfg.method,
-             "train_seconds": round(time.perf_counter() - t0, 2), "compile_error": job.compile_error,
-             "features": stage1_feature_analysis(model, data, test_x, test_y, precision)},
+             "train_seconds": train_seconds, "compile_error": job.compile_error,
+             "features": stage1_feature_analysis(model, data, feats["plain"], test_y, precision)},
+            feature_predictor(model, feats),
         )
 
 
@@ -613,14 +621,36 @@ FEATURES_FILE = "test_features.pt"
 
 
 @torch.no_grad()
+def view_features(model: nn.Module, test_x: torch.Tensor, precision: str = "fp32",
+                  batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Pooled features of the test images, plain and mirrored (eval mode, float32): one pass per view."""
+    was_training = model.training
+    model.eval()
+    plain, mirror = [], []
+    for start in range(0, len(test_x), batch_size):
+        x = normalize(test_x[start : start + batch_size])
+        with autocast(x.device.type, autocast_dtype(precision)):
+            plain.append(model.features(x).float())
+            mirror.append(model.features(torch.flip(x, dims=[3])).float())
+    model.train(was_training)
+    return {"plain": torch.cat(plain), "mirror": torch.cat(mirror)}
+
+
+def save_test_features(run_dir: str | os.PathLike, feats: dict[str, torch.Tensor], precision: str) -> None:
+    """Cache a stage-1 model's test features in its run directory (atomically; what test_features reads)."""
+    cpu = {k: v.cpu() for k, v in feats.items()}
+    save_torch(Path(run_dir) / FEATURES_FILE, {**cpu, "precision": precision})
+
+
 def test_features(run_dir: str | os.PathLike, model: nn.Module, test_x: torch.Tensor,
                   precision: str = "fp32", batch_size: int = 1024) -> dict[str, torch.Tensor]:
     """Pooled test-set features of a finished stage-1 model, plain and mirrored; cached in its run dir.
 
     With the backbone frozen in eval mode, every test evaluation of a classifier-only stage 2 (and of
-    the post-hoc normalisers) is then one matrix product instead of a pass over 10,000 images. The cache
-    records the precision it was computed in; another precision computes (and caches) them again.
-    Concurrent writers (parallel stage-2 runs) are safe: the file is replaced atomically.
+    the post-hoc normalisers) is then one matrix product instead of a pass over 10,000 images. Stage 1
+    writes the cache when it finishes; runs made before that get it here. The cache records the
+    precision it was computed in; another precision computes (and caches) them again. Concurrent
+    writers (parallel stage-2 runs) are safe: the file is replaced atomically.
     """
     path = Path(run_dir) / FEATURES_FILE
     if path.exists():
@@ -631,17 +661,8 @@ def test_features(run_dir: str | os.PathLike, model: nn.Module, test_x: torch.Te
                 return {k: cached[k] for k in ("plain", "mirror")}
         except Exception:  # a damaged cache is only a cache: compute it again
             pass
-    was_training = model.training
-    model.eval()
-    plain, mirror = [], []
-    for start in range(0, len(test_x), batch_size):
-        x = normalize(test_x[start : start + batch_size])
-        with autocast(x.device.type, autocast_dtype(precision)):
-            plain.append(model.features(x).float())
-            mirror.append(model.features(torch.flip(x, dims=[3])).float())
-    model.train(was_training)
-    feats = {"plain": torch.cat(plain), "mirror": torch.cat(mirror)}
-    save_torch(path, {**{k: v.cpu() for k, v in feats.items()}, "precision": precision})
+    feats = view_features(model, test_x, precision, batch_size)
+    save_test_features(run_dir, feats, precision)
     return feats
 
 

@@ -315,22 +315,23 @@ notebook_tools.show_reference_features(PAPER_REFERENCE, ["WD=0 (w/ CE)", "WD tun
 #
 # Where does a value like $5 \cdot 10^{-3}$ come from? WB tune $\lambda$ and plot accuracy against it
 # (their Fig. 4). Tuning must not look at the test set: a value picked for its test accuracy flatters
-# that accuracy. `ltr.run_sweep` trains one stage-1 model per value of WB's grid
-# $\lambda \in \{0, 5\cdot10^{-4}, 10^{-3}, 2\cdot10^{-3}, 5\cdot10^{-3}, 10^{-2}, 2\cdot10^{-2}\}$,
-# **chooses on the validation split** (the first 20 test images of each class) and **reports on the
-# held-out split** (the other 80), for the chosen value and for WB's. The two models above are two of
-# its points and are reused, not retrained.
+# that accuracy. `ltr.run_sweep` trains one stage-1 model per value of the preset's grid, **chooses on
+# the validation split** (the first 20 test images of each class) and **reports on the held-out split**
+# (the other 80), for the chosen value and for WB's. With `paper` and `cpu` the grid is WB's,
+# $\lambda \in \{0, 5\cdot10^{-4}, 10^{-3}, 2\cdot10^{-3}, 5\cdot10^{-3}, 10^{-2}, 2\cdot10^{-2}\}$; `smoke`
+# sweeps three of its values, WB's among them (the cell prints the grid in use). The two models above
+# are two of its points and are reused, not retrained.
 #
-# **This is the long cell.** It trains five more stage-1 models: a few minutes with `smoke`, about 50
-# minutes with `cpu` on a 2-core CPU (the committed reference sweep's runs took about 10 minutes each;
-# the README's Notebooks section has the measurements). Pass
-# `values=[0, 5e-4, 2e-3]` for a shorter sweep, or skip the cell and read the committed one of the `cpu`
-# preset in the cell after it.
+# **This is the long cell.** With `cpu` it trains five more stage-1 models, about 50 minutes on a
+# 2-core CPU (the committed reference sweep's runs took about 10 minutes each; the README's Notebooks
+# section has the measurements); with `smoke` it trains one. Pass `values=[0, 5e-4, 2e-3]` for a
+# shorter sweep, or skip the cell and read the committed one of the `cpu` preset in the cell after it.
 #
 # In the figure, solid lines are validation, dashed lines held-out. Look at where All peaks, at what
 # happens to Few on each side of the peak, and at whether the two splits agree on the shape.
 
 # %%
+print("weight decays of this preset's grid:", ltr.sweep_grid("stage1-wd", PRESET))
 WD_SWEEP = ltr.run_sweep("stage1-wd", root=DATA_ROOT, out=EXP, preset=PRESET, precision=PRECISION)
 notebook_tools.show_sweep(WD_SWEEP["sweep.json"].parent, "your sweep" + NOTE);
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic datasets in the exact CIFAR pickle layouts, written by the tests."""
+"""Shared fixtures: synthetic datasets in the exact CIFAR pickle layouts, written by the tests, and runs
+that several test modules read."""
 
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ import os
 
 # Before torch loads OpenMP: threads that spin while waiting thrash when processes share 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The cores shared out among pytest-xdist workers (-n 2 on 2 cores: one thread each, in the workers and
+# in the processes they start), so that parallel workers do not oversubscribe the CPU. Results within a
+# process do not depend on the count.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ltr.synthetic import write_fake_cifar
+from ltr.config import preset_config  # noqa: E402
+from ltr.synthetic import write_fake_cifar  # noqa: E402
+from ltr.train import stage2_from, train_stage1, train_stage2  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
+
+
+def _shared_tmp(factory: pytest.TempPathFactory) -> Path:
+    """A temporary folder all pytest-xdist workers of this session share (the session's own without)."""
+    base = factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +80,50 @@ def real_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not archive or not Path(archive).is_file():
         pytest.skip(f"real CIFAR-100 not given: set {REAL_ARCHIVE_ENV} to cifar-100-python.tar.xz "
                     f"(found: {archive!r}) or {REAL_ROOT_ENV} to a data root")
-    out = tmp_path_factory.mktemp("real")
-    with tarfile.open(archive) as tar:  # compression read from the file
-        tar.extractall(out, filter="data")
+    # Unpacked once per session, also under pytest-xdist: the first worker unpacks, the others wait.
+    from filelock import FileLock
+
+    out = _shared_tmp(tmp_path_factory) / "real-cifar100"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "cifar-100-python" / "train").is_file():
+            with tarfile.open(archive) as tar:  # compression read from the file
+                tar.extractall(out, filter="data")
     if not (out / "cifar-100-python" / "train").is_file():
         pytest.fail(f"{archive} does not unpack to cifar-100-python/train")
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-epoch smoke stage-1 run on small_root and stage-2 runs on it: "s1", post-hoc "tau" (1.9)
+    and "l2", retrained "cb-wd-max" (one epoch). Shared by the modules that only read runs."""
+    exp = tmp_path_factory.mktemp("smoke_runs")
+    runs = {"s1": exp / "stage1"}
+    train_stage1(preset_config("stage1", "smoke", epochs=1), runs["s1"], root=small_root, device="cpu",
+                 progress=False)
+    for key, fields in (("tau", {"posthoc": "tau-norm", "tau": 1.9}), ("l2", {"posthoc": "l2norm"}),
+                        ("cb-wd-max", {"loss": "cb", "wd": 0.1, "maxnorm": 0.1, "epochs": 1})):
+        runs[key] = exp / key
+        train_stage2(stage2_from(runs["s1"], "smoke", **fields), runs[key], root=small_root, device="cpu",
+                     progress=False)
+    return runs
+
+
+# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test runs on the worker of its group:
+# its module, unless it names another group. A module's fixtures (a trained table, a sweep) are then made
+# once, not once per worker. The groups that execute the notebooks, the longest, go first, so that the
+# other worker takes the rest meanwhile instead of waiting for them at the end.
+FIRST_GROUPS = ("notebooks-real", "notebooks")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test an xdist group (its module by default) and put the notebook groups first."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+
+    def rank(item: pytest.Item) -> int:
+        group = item.get_closest_marker("xdist_group").args[0]
+        return FIRST_GROUPS.index(group) if group in FIRST_GROUPS else len(FIRST_GROUPS)
+
+    items.sort(key=rank)  # stable: the order within each rank stays the collection order

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import jupytext
@@ -16,6 +19,8 @@ import nbformat
 import pytest
 from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
 from nbclient import NotebookClient
+
+from ltr.tuning import sweep_grid
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -144,18 +149,36 @@ def _kernel_env(tmp: Path, data_root: Path) -> Iterator[Path]:
         yield work
 
 
-@pytest.fixture(scope="module")
-def notebook_env(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Kernel environment on synthetic data."""
-    with _kernel_env(tmp_path_factory.mktemp("notebooks"), small_root) as work:
-        yield work
+@dataclass
+class Executed:
+    """One notebook executed top to bottom: the executed copy, its output text, or the error it raised."""
+
+    nb: nbformat.NotebookNode
+    text: str
+    seconds: float
+    cells: list[tuple[float, str]]  # (seconds, first source line) of every code cell, slowest first
+    error: Exception | None
+    exp: Path  # LTR_EXP of the kernel: the runs it trained
 
 
-@pytest.fixture(scope="module")
-def real_notebook_env(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Kernel environment on the real CIFAR-100 (skipped without it)."""
-    with _kernel_env(tmp_path_factory.mktemp("notebooks-real"), real_root) as work:
-        yield work
+def _execute_all(tmp: Path, data_root: Path) -> dict[str, Executed]:
+    """Both notebooks in order in one kernel environment: notebook 2 reuses the runs of notebook 1."""
+    with _kernel_env(tmp, data_root) as work:
+        return {name: _execute(name, work) for name in sorted(MIN_IMAGES)}
+
+
+# Each notebook runs once per data kind (session scope); the tests below read the result. Under
+# pytest-xdist each kind stays on one worker (--dist loadgroup), so notebook 2 finds notebook 1's runs.
+@pytest.fixture(scope="session")
+def executed(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Executed]:
+    """Both notebooks executed on the synthetic files."""
+    return _execute_all(tmp_path_factory.mktemp("notebooks"), small_root)
+
+
+@pytest.fixture(scope="session")
+def executed_real(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Executed]:
+    """Both notebooks executed on the real CIFAR-100 (skipped without it)."""
+    return _execute_all(tmp_path_factory.mktemp("notebooks-real"), real_root)
 
 
 def _images(nb: nbformat.NotebookNode) -> int:
@@ -168,27 +191,50 @@ def _images(nb: nbformat.NotebookNode) -> int:
     )
 
 
-def _execute(name: str, work: Path) -> tuple[nbformat.NotebookNode, str]:
-    """Run a notebook top to bottom in work; the executed copy and all output text."""
+def _cell_seconds(cell: nbformat.NotebookNode) -> float:
+    """Wall time of an executed code cell from the timestamps nbclient records."""
+    ex = cell.metadata.get("execution", {})
+    if "iopub.execute_input" not in ex or "shell.execute_reply" not in ex:
+        return 0.0
+    start, end = (datetime.fromisoformat(ex[k].replace("Z", "+00:00"))
+                  for k in ("iopub.execute_input", "shell.execute_reply"))
+    return (end - start).total_seconds()
+
+
+def _execute(name: str, work: Path) -> Executed:
+    """Run a notebook top to bottom in work; an error is kept, to fail the tests that read it."""
     nb = _source(name)  # executed from the reviewed .py; test_pair_in_sync ties the .ipynb to it
     client = NotebookClient(
         nb, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(work)}}
     )
     t0 = time.perf_counter()
-    client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    error = None
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    except Exception as e:  # noqa: BLE001 - kept and raised by the tests of this notebook
+        error = e
     seconds = time.perf_counter() - t0
     nbformat.write(nb, work / f"executed-{name}")  # the executed copy stays in tmp
-    print(f"\n{name}: executed in {seconds:.1f} s")
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    assert _images(nb) >= MIN_IMAGES[name], f"{name}: {_images(nb)} figures, want {MIN_IMAGES[name]}"
     text = "".join(
         o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
         for c in nb.cells for o in c.get("outputs", [])
     )
+    cells = sorted(((_cell_seconds(c), c.source.partition("\n")[0]) for c in nb.cells
+                    if c.cell_type == "code"), reverse=True)
+    return Executed(nb, text, seconds, cells, error, Path(os.environ["LTR_EXP"]))
+
+
+def _check(name: str, run: Executed) -> None:
+    """What every execution must show: no error, the figures, stored notebooks untouched."""
+    slowest = ", ".join(f"{s:.1f} s {src!r}" for s, src in run.cells[:3])
+    print(f"\n{name}: executed in {run.seconds:.1f} s; slowest cells: {slowest}")
+    if run.error is not None:
+        raise run.error
+    errors = [o for c in run.nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert _images(run.nb) >= MIN_IMAGES[name], f"{name}: {_images(run.nb)} figures, want {MIN_IMAGES[name]}"
     # Stored notebooks are untouched by the run.
     assert all(not c.get("outputs") for c in _load(name)["cells"] if c["cell_type"] == "code")
-    return nb, text
 
 
 def _first_output(nb: nbformat.NotebookNode) -> str:
@@ -197,17 +243,35 @@ def _first_output(nb: nbformat.NotebookNode) -> str:
     return out.get("text", "") + "".join(out.get("data", {}).get("text/plain", ""))
 
 
-# Notebook 2 reuses the stage-1 runs of notebook 1 (same LTR_EXP); run alone, it trains them itself.
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("name", sorted(MIN_IMAGES))
-def test_notebook_executes(name: str, notebook_env: Path) -> None:
-    nb, text = _execute(name, notebook_env)
-    assert "SYNTHETIC images" in _first_output(nb)  # the synthetic data is announced first
-    assert "NOT comparable" in text
+def test_notebook_executes(name: str, executed: dict[str, Executed]) -> None:
+    run = executed[name]
+    _check(name, run)
+    assert "SYNTHETIC images" in _first_output(run.nb)  # the synthetic data is announced first
+    assert "NOT comparable" in run.text
 
 
+@pytest.mark.xdist_group("notebooks-real")
 @pytest.mark.real
 @pytest.mark.parametrize("name", sorted(MIN_IMAGES))
-def test_notebook_executes_on_real_data(name: str, real_notebook_env: Path) -> None:
-    nb, text = _execute(name, real_notebook_env)
-    assert "using cifar100 from" in _first_output(nb) and "the real images" in _first_output(nb)
-    assert "synthetic" not in text.lower()  # real images: no synthetic label anywhere in the outputs
+def test_notebook_executes_on_real_data(name: str, executed_real: dict[str, Executed]) -> None:
+    run = executed_real[name]
+    _check(name, run)
+    assert "using cifar100 from" in _first_output(run.nb) and "the real images" in _first_output(run.nb)
+    assert "synthetic" not in run.text.lower()  # real images: no synthetic label anywhere in the outputs
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_smoke_sweeps_run_the_preset_grid(executed: dict[str, Executed]) -> None:
+    """The smoke preset's sweeps run its own short grids; the weight-decay sweep reuses both models."""
+    for name, kind in (("01_stage1_feature_learning.ipynb", "stage1-wd"),
+                       ("02_stage2_classifier_learning.ipynb", "tau")):
+        _check(name, executed[name])
+        grid = sweep_grid(kind, "smoke")
+        assert str(grid) in executed[name].text  # the cell prints the grid it sweeps
+        (info,) = executed[name].exp.rglob(f"sweep-{kind}/sweep.json")
+        assert json.loads(info.read_text())["values"] == list(grid)
+    # Notebook 1's naive and tuned models are two of the grid's points: three stage-1 runs in all.
+    stage1 = [p for p in executed[name].exp.rglob("stage1/*") if (p / "metrics.json").exists()]
+    assert len(stage1) == len(set(sweep_grid("stage1-wd", "smoke"))) == 3

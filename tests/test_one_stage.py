@@ -202,11 +202,13 @@ def test_logit_rescaling_of_mla_recovers_its_tau(etf_run: Path, small_root: Path
 
 def test_tuned_mla_tau_applies_to_the_one_stage_row(tmp_path: Path) -> None:
     from ltr.rundir import write_json
-    from ltr.sweep import tune_rows
-    from ltr.tables import ONE_STAGE_ROW, TABLE1_ROWS
+    from ltr.tables import ONE_STAGE_ROW, TABLE1_ROWS, tune_rows
+    from ltr.tuning import read_tuned, tuned_header
 
     write_json(tmp_path / "sweep.json", {"kind": "mla-tau", "preset": "cpu", "dataset": "cifar100",
                                          "imbalance": 100.0, "chosen": 0.4, "preset_value": MLA_TAU})
-    rows, header = tune_rows((*TABLE1_ROWS, ONE_STAGE_ROW), [tmp_path], "cpu", "cifar100", [100.0])
+    chosen = read_tuned([tmp_path], "cpu", "cifar100", [100.0])
+    rows = tune_rows((*TABLE1_ROWS, ONE_STAGE_ROW), {k: v for k, (v, _, _) in chosen.items()})
+    header = tuned_header(chosen, "cpu")
     assert rows[-1].stage2 == {"posthoc": "mla", "tau": 0.4} and rows[:-1] == TABLE1_ROWS
     assert "Hasegawa & Sato: 0.65" in header

@@ -14,25 +14,14 @@ from ltr import plots
 from ltr.config import Stage2Config, preset_config
 from ltr.data import LtrError
 from ltr.tables import PAPER_TABLE1, TABLE1_ROWS
-from ltr.train import stage2_from, train_stage1, train_stage2
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def runs(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(smoke_runs: dict[str, Path]) -> dict[str, Path]:
     """One smoke stage-1 run, one retrained stage-2 run (CB & WD & MaxNorm) and one post-hoc run."""
-    exp = tmp_path_factory.mktemp("plots_exp")
-    s1 = exp / "stage1"
-    train_stage1(preset_config("stage1", "smoke", epochs=1), s1, root=small_root, device="cpu",
-                 progress=False)
-    s2 = exp / "cb-wd-max"
-    train_stage2(stage2_from(s1, "smoke", loss="cb", wd=0.1, maxnorm=0.1, epochs=1), s2,
-                 root=small_root, device="cpu", progress=False)
-    tau = exp / "tau"
-    train_stage2(stage2_from(s1, "smoke", posthoc="tau-norm", tau=1.9), tau, root=small_root,
-                 device="cpu", progress=False)
-    return {"s1": s1, "s2": s2, "tau": tau}
+    return {"s1": smoke_runs["s1"], "s2": smoke_runs["cb-wd-max"], "tau": smoke_runs["tau"]}
 
 
 @pytest.fixture(scope="module")

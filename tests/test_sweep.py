@@ -13,9 +13,10 @@ import ltr.tables
 from ltr.cli import main
 from ltr.data import LtrError
 from ltr.rundir import read_json
-from ltr.sweep import KINDS, check_values, choose, plan_points, run_sweep, summarize, write_outputs
+from ltr.sweep import check_values, choose, plan_points, run_sweep, summarize, write_outputs
 from ltr.synthetic import write_fake_cifar
 from ltr.tables import TABLE1_ROWS, plan
+from ltr.tuning import KINDS, sweep_grid
 
 FAST = dict(device="cpu", progress=False)
 
@@ -34,7 +35,7 @@ def sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def swept(sweep_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default stage-1 weight-decay grid and the tau grid, smoke preset, through the CLI."""
+    """The smoke preset's default stage-1 weight-decay and tau grids, through the CLI."""
     out = tmp_path_factory.mktemp("sweep") / "t"
     for kind in ("stage1-wd", "tau"):
         assert main(["sweep", kind, "--root", str(sweep_root), "--preset", "smoke", "--out", str(out),
@@ -47,7 +48,7 @@ def test_smoke_sweep_writes_table_and_figure(swept: Path, kind: str) -> None:
     k = KINDS[kind]
     sdir = swept / f"sweep-{kind}"
     points = pd.read_csv(sdir / "sweep.csv")
-    assert sorted(points.value) == sorted(k.grid) and (points.seed == 0).all()
+    assert sorted(points.value) == sorted(sweep_grid(k.name, "smoke")) and (points.seed == 0).all()
     assert all(Path(r, "metrics.json").exists() for r in points.run)
     info = read_json(sdir / "sweep.json")
     best = points.loc[points.val_all == points.val_all.max(), "value"].min()
@@ -56,7 +57,7 @@ def test_smoke_sweep_writes_table_and_figure(swept: Path, kind: str) -> None:
     md = (sdir / "sweep.md").read_text()
     assert md.startswith("**These runs used SYNTHETIC images")
     assert f"chosen: **{k.field} = {info['chosen']:g}**" in md and "WB's value" in md
-    assert md.count("\n| ") == len(k.grid) + 1  # header + one line per value
+    assert md.count("\n| ") == len(sweep_grid(k.name, "smoke")) + 1  # header + one line per value
     assert (sdir / "sweep.png").stat().st_size > 5000
 
 
@@ -148,6 +149,7 @@ def test_bad_values_are_one_clear_error(kind: str, values: list[str], needle: st
 def test_check_values_sorts_and_dedups() -> None:
     assert check_values(KINDS["tau"], [2, 1.9, 2]) == [1.9, 2.0]
     assert check_values(KINDS["maxnorm"], None) == list(KINDS["maxnorm"].grid)
+    assert check_values(KINDS["maxnorm"], None, "smoke") == list(sweep_grid("maxnorm", "smoke"))
     with pytest.raises(LtrError, match="finite"):
         check_values(KINDS["tau"], [float("nan")])
 
