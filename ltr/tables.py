@@ -605,6 +605,12 @@ def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imba
             f"{n}: weight norms over epochs", lambda d=done[n]: plots.plot_norm_evolution(d))
         figs[f"per_class_accuracy_{key}.png"] = (
             f"{n}: per-class accuracy", lambda d=done[n]: plots.plot_per_class_accuracy(d))
+    s1_dirs = {n: done[n] for n in stage1}
+    if len(s1_dirs) > 1 and plots.has_feature_analysis(list(s1_dirs.values())):
+        # Why weight decay helps (or not): the stage-1 models' Fisher ratio and cone effect side by side.
+        figs["feature_analysis.png"] = (
+            "Feature analysis of the stage-1 models",
+            lambda: plots.plot_feature_analysis(list(s1_dirs.values()), labels=list(s1_dirs)))
     best = "+ CB & WD & Max"
     if best in done:
         figs["per_class_accuracy_cb_wd_max.png"] = (

@@ -337,7 +337,7 @@ def test_compare_tiny_table(tiny_root: Path, tmp_path: Path, capsys: pytest.Capt
     for cell in flip.published:
         assert set(re.findall(r"\d+\.\d\d", cell)) <= quoted
     for f in ("group_accuracy.png", "weight_norms.png", "norm_evolution_aux-balanced.png",
-              "norm_evolution_etf-fr.png"):
+              "norm_evolution_etf-fr.png", "feature_analysis.png"):
         assert (out / "figures-compare" / f).stat().st_size > 1000
     assert "published All" in capsys.readouterr().out
     # A second call finds every run finished and trains nothing.
