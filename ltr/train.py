@@ -235,7 +235,9 @@ def _fit(
     # Compiled for the full batch only (dynamic=False: one static graph, captured once). The last,
     # smaller batch of an epoch runs through the same module uncompiled: one eager step an epoch, the
     # same batches and arithmetic as eager training, and no recompile or re-capture for its shape.
-    compiled = (_compile(runner, check_compile_mode(compile_mode)) if compile else None) or runner
+    compiled = _compile(runner, check_compile_mode(compile_mode)) if compile else None
+    if compiled is None:  # not asked for, or fell back to eager (an nn.Module has no truth value to test)
+        compiled = runner
     if compile and compiled is runner:
         job.compile_error = "torch.compile refused the model"
     # CUDA graphs (reduce-overhead) reuse their output memory on the next replay: say where a step starts.
