@@ -13,6 +13,20 @@ from .precision import autocast
 
 
 @torch.no_grad()
+def _eval_batches(model: nn.Module, images: torch.Tensor, batch_size: int, dtype: torch.dtype | None,
+                  fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn(normalised batch) over uint8 images in eval mode under autocast, concatenated as float32."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        with autocast(x.device.type, dtype):
+            outs.append(fn(x).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
@@ -28,33 +42,18 @@ def predict_logits(
     """
     if dtype is None and amp:
         dtype = torch.bfloat16
-    was_training = model.training
-    model.eval()
-    outs = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        with autocast(x.device.type, dtype):
-            logits = model(x).float()
-            if flip:
-                logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
-        outs.append(logits)
-    model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros(0)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = model(x).float()
+        return 0.5 * (out + model(torch.flip(x, dims=[3])).float()) if flip else out
+
+    return _eval_batches(model, images, batch_size, dtype, logits)
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 1024,
                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pooled penultimate features (after the last ReLU) of uint8 images, eval mode, float32."""
-    was_training = model.training
-    model.eval()
-    outs = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        with autocast(x.device.type, dtype):
-            outs.append(model.features(x).float())
-    model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros(0)
+    return _eval_batches(model, images, batch_size, dtype, model.features)
 
 
 def _class_index(features: torch.Tensor, labels: torch.Tensor,
