@@ -27,13 +27,13 @@ install: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Two pytest-xdist workers, each test on the worker of its group (tests/conftest.py: its module, the
-# notebook executions first); TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, each module on one worker, the longest modules first (tests/conftest.py);
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # With CUDA: the paper preset. Without: the cpu preset for seed 0 (what a CPU can finish), said first.
 table1: install

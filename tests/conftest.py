@@ -109,21 +109,22 @@ def smoke_runs(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return runs
 
 
-# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test runs on the worker of its group:
-# its module, unless it names another group. A module's fixtures (a trained table, a sweep) are then made
-# once, not once per worker. The groups that execute the notebooks, the longest, go first, so that the
-# other worker takes the rest meanwhile instead of waiting for them at the end.
-FIRST_GROUPS = ("notebooks-real", "notebooks")
+# Under pytest-xdist (`make test`: -n 2 --dist loadfile) every module runs on one worker, so that its
+# fixtures (a trained table, a sweep, a notebook execution) are made once, not once per worker. Modules
+# are handed out in collection order, so the longest go first (seconds per module on a quiet 2-core
+# machine, one thread a worker, 2026-12-01) and the short ones fill the gaps at the end. (Not
+# --dist loadgroup: pytest 9 dropped what xdist's groups relied on, and every test became its own unit.)
+LONGEST_FIRST = ("test_notebooks_real",  # both notebooks on the real data, about 230 s
+                 "test_notebooks",  # both notebooks on the synthetic files, about 100 s
+                 "test_tables", "test_precision", "test_sweep", "test_gpu_reference", "test_compare",
+                 "test_train", "test_real")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Give every test an xdist group (its module by default) and put the notebook groups first."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+    """Put the longest modules first (LONGEST_FIRST), the rest after them in collection order."""
 
     def rank(item: pytest.Item) -> int:
-        group = item.get_closest_marker("xdist_group").args[0]
-        return FIRST_GROUPS.index(group) if group in FIRST_GROUPS else len(FIRST_GROUPS)
+        module = item.path.stem
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    items.sort(key=rank)  # stable: the order within each rank stays the collection order
+    items.sort(key=rank)  # stable: the order within each module stays the collection order

@@ -168,17 +168,12 @@ def _execute_all(tmp: Path, data_root: Path) -> dict[str, Executed]:
 
 
 # Each notebook runs once per data kind (session scope); the tests below read the result. Under
-# pytest-xdist each kind stays on one worker (--dist loadgroup), so notebook 2 finds notebook 1's runs.
+# pytest-xdist (`make test`: --dist loadfile) a module's tests share one worker, so the synthetic
+# executions stay here and the real ones in test_notebooks_real.py: the two kinds run in parallel.
 @pytest.fixture(scope="session")
 def executed(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Executed]:
     """Both notebooks executed on the synthetic files."""
     return _execute_all(tmp_path_factory.mktemp("notebooks"), small_root)
-
-
-@pytest.fixture(scope="session")
-def executed_real(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Executed]:
-    """Both notebooks executed on the real CIFAR-100 (skipped without it)."""
-    return _execute_all(tmp_path_factory.mktemp("notebooks-real"), real_root)
 
 
 def _images(nb: nbformat.NotebookNode) -> int:
@@ -243,7 +238,6 @@ def _first_output(nb: nbformat.NotebookNode) -> str:
     return out.get("text", "") + "".join(out.get("data", {}).get("text/plain", ""))
 
 
-@pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("name", sorted(MIN_IMAGES))
 def test_notebook_executes(name: str, executed: dict[str, Executed]) -> None:
     run = executed[name]
@@ -252,17 +246,6 @@ def test_notebook_executes(name: str, executed: dict[str, Executed]) -> None:
     assert "NOT comparable" in run.text
 
 
-@pytest.mark.xdist_group("notebooks-real")
-@pytest.mark.real
-@pytest.mark.parametrize("name", sorted(MIN_IMAGES))
-def test_notebook_executes_on_real_data(name: str, executed_real: dict[str, Executed]) -> None:
-    run = executed_real[name]
-    _check(name, run)
-    assert "using cifar100 from" in _first_output(run.nb) and "the real images" in _first_output(run.nb)
-    assert "synthetic" not in run.text.lower()  # real images: no synthetic label anywhere in the outputs
-
-
-@pytest.mark.xdist_group("notebooks")
 def test_smoke_sweeps_run_the_preset_grid(executed: dict[str, Executed]) -> None:
     """The smoke preset's sweeps run its own short grids; the weight-decay sweep reuses both models."""
     for name, kind in (("01_stage1_feature_learning.ipynb", "stage1-wd"),
