@@ -127,8 +127,19 @@ def compare_frame(rows: tuple[Row, ...], where: dict, seeds: list[int], preset: 
     return df
 
 
-def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int]) -> str:
-    """The comparison as markdown: ours (mean ± std over seeds) beside the published figures."""
+def _posthoc_tau(rows: tuple[Row, ...], posthoc: str, default: float) -> float:
+    """The tau of the first row with this post-hoc adjustment (a tuned table changes it), else default."""
+    return next((float(r.stage2.get("tau", default)) for r in rows if r.stage2.get("posthoc") == posthoc),
+                default)
+
+
+def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int],
+                     taus: tuple[float, float] = (1.9, MLA_TAU)) -> str:
+    """The comparison as markdown: ours (mean ± std over seeds) beside the published figures.
+
+    taus: the tau of tau-norm and of the one-stage recipe's logit adjustment, as the rows used them.
+    """
+    tau_norm, mla_tau = taus
     sub = df[df.tta == tta]
     head = ["method", "stage 1"] + [g.capitalize() for g in GROUPS] + ["All, best test epoch (optimistic)",
                                                                        "published All (source)"]
@@ -156,14 +167,14 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int]) 
         "",
         "Recipes: cRT = classifier re-initialised and retrained with class-balanced sampling (Kang et al.); "
         "LWS = stage-1 classifier frozen, a per-class logit scale (init 1) learnt on class-balanced batches "
-        "(Kang et al.); tau-norm = w_c / ||w_c||^1.9; logit adjustment post-hoc = b_c - tau log p(c), no "
-        "training (Menon et al.); logit-adjusted loss = CE on z + tau log p(y) (Menon et al.), which at "
-        "tau = 1 is balanced softmax (Ren et al.); LDAM-DRW = cosine classifier, s = 30, margins "
+        f"(Kang et al.); tau-norm = w_c / ||w_c||^{tau_norm:g}; logit adjustment post-hoc = b_c - tau log "
+        "p(c), no training (Menon et al.); logit-adjusted loss = CE on z + tau log p(y) (Menon et al.), "
+        "which at tau = 1 is balanced softmax (Ren et al.); LDAM-DRW = cosine classifier, s = 30, margins "
         "proportional to n_c^(-1/4) with the largest 0.5, class-balanced weights (beta 0.9999) from the "
         "second half of the epochs on (Cao et al.); Hasegawa & Sato one-stage = stage 1 with a fixed, "
         "untrained simplex-ETF classifier (unit rows, randomly rotated into feature space), a learnable bias "
         "and CE + 0.01 x batch mean of ||f||^2 / 2 (the preset's weight decay on every trained parameter), "
-        f"then every logit divided by p(c)^{MLA_TAU:g}, no training (our implementation, on this table's "
+        f"then every logit divided by p(c)^{mla_tau:g}, no training (our implementation, on this table's "
         "backbone and schedule, not theirs). Priors p(c) are the training counts.",
         "",
     ]
@@ -182,7 +193,8 @@ def write_compare(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int
     csv, md = f"compare{suffix}.csv", f"compare{suffix}.md"
     files = {csv: out / csv, md: out / md}
     write_atomic(files[csv], df.to_csv(index=False))
-    write_atomic(files[md], synthetic_note(where) + header + markdown_compare(df, tta, preset, seeds))
+    write_atomic(files[md], synthetic_note(where) + header + markdown_compare(
+        df, tta, preset, seeds, (_posthoc_tau(rows, "tau-norm", 1.9), _posthoc_tau(rows, "mla", MLA_TAU))))
     write_json(out / f"compare{suffix}_runs.json", {
         "preset": preset, "seeds": seeds, "imbalances": [IMBALANCE],
         "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],

@@ -363,5 +363,6 @@ def test_compare_tiny_table(tiny_root: Path, tmp_path: Path, capsys: pytest.Capt
     assert dirs["+ tau-norm"].endswith("tau-norm0.6")
     plain_dirs = {r["row"]: r["dir"] for r in json.loads((out / "compare_runs.json").read_text())["runs"]}
     assert dirs["+ LWS"] == plain_dirs["+ LWS"] and dirs["+ tau-norm"] != plain_dirs["+ tau-norm"]
-    assert "Tuned on validation" in (out / "compare-tuned.md").read_text()
+    tuned_md = (out / "compare-tuned.md").read_text()
+    assert "Tuned on validation" in tuned_md and "||w_c||^0.6" in tuned_md and "||w_c||^1.9" in md
     assert (out / "compare.md").read_text() == md  # the WB-valued table is left as it was

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from queue import Empty
 
 import jupytext
 import nbformat
@@ -196,11 +197,39 @@ def _cell_seconds(cell: nbformat.NotebookNode) -> float:
     return (end - start).total_seconds()
 
 
+def _wait_in_slices(channel: object, slice_s: float = 1.0) -> None:
+    """Make channel.get_msg wait in slices of at most slice_s seconds, each starting with a fresh poll.
+
+    A message can arrive without waking the asyncio poll (jupyter/nbclient#312): the wait then lasts
+    until its timeout, and a cell's reply came 900 s late (the cell timeout) in two of two `make test`
+    runs on 2026-12-01. A new poll sees a waiting message at once, so a missed wake-up costs a slice.
+    """
+    wait = channel.get_msg
+
+    async def get_msg(timeout: float | None = None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = slice_s if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await wait(timeout=min(slice_s, left))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg
+
+
 def _execute(name: str, work: Path) -> Executed:
     """Run a notebook top to bottom in work; an error is kept, to fail the tests that read it."""
     nb = _source(name)  # executed from the reviewed .py; test_pair_in_sync ties the .ipynb to it
+
+    def sliced_waits(notebook: nbformat.NotebookNode) -> None:
+        _wait_in_slices(client.kc.shell_channel)
+        _wait_in_slices(client.kc.iopub_channel)
+
     client = NotebookClient(
-        nb, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(work)}}
+        nb, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(work)}},
+        on_notebook_start=sliced_waits,
     )
     t0 = time.perf_counter()
     error = None
@@ -217,6 +246,39 @@ def _execute(name: str, work: Path) -> Executed:
     cells = sorted(((_cell_seconds(c), c.source.partition("\n")[0]) for c in nb.cells
                     if c.cell_type == "code"), reverse=True)
     return Executed(nb, text, seconds, cells, error, Path(os.environ["LTR_EXP"]))
+
+
+def test_a_missed_wake_up_costs_one_slice_not_the_cell_timeout() -> None:
+    """_wait_in_slices: a message the first poll missed is returned by the next slice; a real timeout
+    still raises Empty."""
+    import asyncio
+
+    class Channel:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        async def get_msg(self, timeout: float | None = None) -> dict:
+            self.polls += 1
+            if self.polls == 1:  # the wake-up is missed: this poll sleeps out its whole timeout
+                await asyncio.sleep(timeout)
+                raise Empty
+            return {"msg": "reply"}
+
+    channel = Channel()
+    _wait_in_slices(channel, slice_s=0.05)
+    t0 = time.monotonic()
+    assert asyncio.run(channel.get_msg(timeout=900)) == {"msg": "reply"}
+    assert time.monotonic() - t0 < 1 and channel.polls == 2
+
+    class Silent:
+        async def get_msg(self, timeout: float | None = None) -> dict:
+            await asyncio.sleep(timeout)
+            raise Empty
+
+    silent = Silent()
+    _wait_in_slices(silent, slice_s=0.05)
+    with pytest.raises(Empty):
+        asyncio.run(silent.get_msg(timeout=0.2))
 
 
 def _check(name: str, run: Executed) -> None:
