@@ -114,8 +114,8 @@ def smoke_runs(small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 # are handed out in collection order, so the longest go first (seconds per module on a quiet 2-core
 # machine, one thread a worker, 2026-12-01) and the short ones fill the gaps at the end. (Not
 # --dist loadgroup: pytest 9 dropped what xdist's groups relied on, and every test became its own unit.)
-LONGEST_FIRST = ("test_notebooks_real",  # both notebooks on the real data, about 230 s
-                 "test_notebooks",  # both notebooks on the synthetic files, about 100 s
+LONGEST_FIRST = ("test_notebooks_real",  # both notebooks on the real data, 266 s (fresh-clone run at 48a3728)
+                 "test_notebooks",  # both notebooks on the synthetic files, 104 s (same run)
                  "test_tables", "test_precision", "test_sweep", "test_gpu_reference", "test_compare",
                  "test_train", "test_real")
 
