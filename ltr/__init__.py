@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from .data import DataError, LtrError, load_cifar_lt  # noqa: E402
-from .sweep import run_sweep  # noqa: E402
+from .experiments.sweep import run_sweep  # noqa: E402
+from .experiments.tuning import sweep_grid  # noqa: E402
 from .train import (  # noqa: E402
     Stage1Config,
     Stage2Config,
@@ -12,7 +13,6 @@ from .train import (  # noqa: E402
     train_stage1,
     train_stage2,
 )
-from .tuning import sweep_grid  # noqa: E402
 
 __all__ = [
     "DataError",

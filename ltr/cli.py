@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import CB_VARIANTS, FIDELITIES, MLA_TAU, PRESETS
 from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
-from .precision import PRECISIONS
+from .engine.precision import PRECISIONS
 from .train import COMPILE_MODES, DEADLINE_ENV, TimeLimitReached
 
 PRESET_NAMES = " | ".join(PRESETS)
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2's: corrected (default) | official (WB's epoch-stepped schedule, MaxNorm "
                         "once per epoch, BN in train mode; writes table1-official.md); stage 1 unchanged")
 
-    from .tuning import KINDS
+    from .experiments.tuning import KINDS
 
     w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
     w.add_argument("kind", choices=list(KINDS), help="stage1-wd: one stage-1 run per value; tau: post-hoc "
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     # value check, which names the problem, instead of "unrecognized arguments".
     w._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
 
-    from . import bench
+    from .experiments import bench
 
     b = sub.add_parser("bench", help="time ltr's training step against a plain DataLoader/PIL loop")
     bench.add_arguments(b)
@@ -236,7 +236,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .data import dataset_info, download, verify
+    from .engine.cifar_files import dataset_info, download, verify
 
     if args.download:
         download(args.root, args.dataset)  # verifies what it unpacks
@@ -304,7 +304,7 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
         else:
             out = Path("exp/stage2") / Path(cfg.from_run).name / train.stage2_name(cfg)
         metrics = train.train_stage2(cfg, out, **common)
-    from .dist import is_main
+    from .engine.dist import is_main
 
     if is_main():  # under torchrun the other ranks have nothing to report
         from . import plots
@@ -343,7 +343,7 @@ def _print_plan(out: Path, table: str, files: dict[str, Path]) -> int:
 
 
 def _table1(args: argparse.Namespace) -> int:
-    from .tables import run_table
+    from .experiments.tables import run_table
 
     imbalances = [check_imbalance(i) for i in args.imbalance]
     out = _plan_out(args, "table1")
@@ -358,7 +358,7 @@ def _table1(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
 
     out = _plan_out(args, "table1")
     files = run_sweep(args.kind, values=args.values, out=out, imbalance=check_imbalance(args.imbalance),
@@ -370,7 +370,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from .experiments.compare import run_compare
 
     out = _plan_out(args, "compare")
     files = run_compare(out=out, tuned=args.tuned or (), **_plan_kwargs(args))
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "bench":
-            from . import bench
+            from .experiments import bench
 
             return bench.run_cli(args)
     except TimeLimitReached as exc:

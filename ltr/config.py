@@ -87,7 +87,7 @@ class Stage2Config:
     fidelity: str = "corrected"
 
 
-# A preset's own default sweep grids ("sweeps": kind -> values, ltr.tuning.sweep_grid), kept apart from
+# A preset's own default sweep grids ("sweeps": kind -> values, tuning.sweep_grid), kept apart from
 # the stage configs so that they never reach a run's config.json. Without one a preset sweeps each kind's
 # full grid (WB's Fig. 4 for the stage-1 weight decay). The quick presets sweep three points, WB's value
 # among them; the stage-1 grid holds the smoke preset's naive (0) and tuned (5e-3) models, so a sweep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import LtrError
+from .errors import LtrError
 
 
 def class_balanced_weights(counts: list[int] | torch.Tensor, beta: float = 0.9999) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .data import class_groups, normalize
-from .precision import autocast
+from .engine.precision import autocast
 
 
 @torch.no_grad()

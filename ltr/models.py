@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from .data import LtrError
+from .errors import LtrError
 
 
 class CifarResNet34(ResNet):

@@ -21,10 +21,12 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from . import plots
 from .config import preset_config
-from .data import DataError, dataset_info, download, load_cifar_lt, read_class_names, resolve_device
+from .data import dataset_info, load_cifar_lt, read_class_names, resolve_device
+from .engine.cifar_files import download
+from .engine.rundir import read_json
+from .errors import DataError
 from .metrics import group_accuracy, per_class_accuracy
 from .regularizers import tau_normalize
-from .rundir import read_json
 from .synthetic import write_fake_cifar
 from .train import load_stage1, stage1_data_root, test_features
 
@@ -189,7 +191,7 @@ def show_reference(ref: str | os.PathLike, rows: Sequence[str],
 
 
 def show_sweep(sweep_dir: str | os.PathLike, what: str = "this sweep") -> dict | None:
-    """Display a sweep's (ltr.sweep) choice, held-out lines and figure; its sweep.json, or None (said)."""
+    """Display a sweep's (sweep) choice, held-out lines and figure; its sweep.json, or None (said)."""
     sdir = Path(sweep_dir)
     if not (sdir / "sweep.json").is_file():
         print(f"No sweep in {sdir} (no sweep.json): `python -m ltr sweep ...` writes one.")

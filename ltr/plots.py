@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 from .config import PRESETS
 from .data import LtrError, class_groups, long_tail_counts
-from .rundir import read_json, write_atomic
+from .engine.rundir import read_json, write_atomic
 
 GROUPS = ("many", "medium", "few")
 GROUP_TITLES = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All"}
@@ -31,7 +31,7 @@ GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 GROUP_RULES = {"many": "> 100 images", "medium": "20..100 images", "few": "< 20 images"}
 
 # The fixed hyperparameters of WB's Table 1 rows: a run maps to a row only when it uses them.
-# (The paper's numbers themselves live in ltr.tables.PAPER_TABLE1, once.)
+# (The paper's numbers themselves live in ltr.experiments.tables.PAPER_TABLE1, once.)
 WB_STAGE1_WD = 5e-3
 WB_STAGE2_WD = 0.1
 WB_MAXNORM = 0.1
@@ -244,7 +244,7 @@ def results_table(
     paper: Mapping[str, Sequence[float]] | None = None,
 ) -> pd.DataFrame:
     """Many/Medium/Few/All per run ('n/a' = empty group), beside the paper's row of the same recipe."""
-    # paper maps Table 1 row names to (Many, Medium, Few, All), e.g. ltr.tables.PAPER_TABLE1; the "WB"
+    # paper maps Table 1 row names to (Many, Medium, Few, All), e.g. tables.PAPER_TABLE1; the "WB"
     # columns are filled only for a run whose recipe is that row's (table1_row), else "-".
     _check_tta(tta)
     rows = []
@@ -572,7 +572,7 @@ def plot_sweep(
     save: str | os.PathLike | None = None,
     paper_label: str = "WB",
 ) -> Figure:
-    """Validation and held-out accuracy (All, Many, Medium, Few) against a swept value (ltr.sweep).
+    """Validation and held-out accuracy (All, Many, Medium, Few) against a swept value (sweep).
 
     summary has one row per value with {val,heldout}_{group}_{mean,std}; the chosen value and WB's (and
     the preset's, where it differs) are marked. A log quantity with a 0 among its values gets a symlog

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dist
 from .config import (
     LATER_DEFAULTS,
     Stage1Config,
@@ -27,7 +26,27 @@ from .config import (
     validate_stage1,
     validate_stage2,
 )
-from .data import DeviceLoader, LTData, LtrError, dataset_info, load_cifar_lt, normalize, resolve_device
+from .data import DeviceLoader, LTData, dataset_info, load_cifar_lt, normalize, resolve_device
+from .engine import dist
+from .engine.precision import (
+    autocast,
+    autocast_dtype,
+    check_precision,
+    grad_scaler,
+    resolve_precision,
+    set_backend_flags,
+)
+from .engine.rundir import (
+    RunLock,
+    claim_run_dir,
+    load_checkpoint,
+    read_json,
+    runtime_info,
+    save_torch,
+    write_history,
+    write_json,
+)
+from .errors import LtrError, TimeLimitReached
 from .losses import class_balanced_weights, make_loss
 from .methods import (
     AUX_PREFIX,
@@ -49,14 +68,6 @@ from .metrics import (
     weight_norms,
 )
 from .models import build_model, fix_etf_classifier
-from .precision import (
-    autocast,
-    autocast_dtype,
-    check_precision,
-    grad_scaler,
-    resolve_precision,
-    set_backend_flags,
-)
 from .regularizers import (
     ScaledLinear,
     l2_normalize,
@@ -66,16 +77,6 @@ from .regularizers import (
     project_max_norm,
     project_unit_norm,
     tau_normalize,
-)
-from .rundir import (
-    RunLock,
-    claim_run_dir,
-    load_checkpoint,
-    read_json,
-    runtime_info,
-    save_torch,
-    write_history,
-    write_json,
 )
 
 # ---------------------------------------------------------------- schedule
@@ -96,10 +97,6 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, fidelity: str = "cor
 
 DEADLINE_ENV = "LTR_DEADLINE"  # Unix time after which every run stops at its next epoch boundary
 COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes the trainer runs
-
-
-class TimeLimitReached(LtrError):
-    """The time limit (LTR_DEADLINE) passed: the run stopped at an epoch boundary, its checkpoint kept."""
 
 
 def deadline() -> float | None:

@@ -93,11 +93,13 @@ REFERENCE = REPO / "exp" / "reference" / "cpu"
 import numpy as np
 import pandas as pd
 
-from ltr import notebook_tools, plots
+from ltr import notebook_tools
+
+from ltr import plots
 from ltr.config import run_name
 from ltr.data import class_groups
 from ltr.notebook_tools import prepare_data
-from ltr.tables import PAPER_TABLE1
+from ltr.experiments.tables import PAPER_TABLE1
 
 DATA_ROOT, SYNTHETIC = prepare_data(DATA_ROOT, PRESET)
 if SYNTHETIC:

@@ -85,10 +85,12 @@ REFERENCE = REPO / "exp" / "reference" / "cpu"
 import numpy as np
 import pandas as pd
 
-from ltr import notebook_tools, plots
+from ltr import notebook_tools
+
+from ltr import plots
 from ltr.config import run_name, stage2_name
 from ltr.notebook_tools import prepare_data
-from ltr.tables import PAPER_TABLE1
+from ltr.experiments.tables import PAPER_TABLE1
 
 DATA_ROOT, SYNTHETIC = prepare_data(DATA_ROOT, PRESET)
 if SYNTHETIC:

@@ -110,7 +110,7 @@ def environment() -> dict:
         env.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                    gpu_capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
-    from ltr.rundir import git_commit
+    from ltr.engine.rundir import git_commit
 
     env["git_commit"] = git_commit()
     return env

@@ -127,7 +127,7 @@ if [ "$(left)" -ge 120 ]; then
     say "bench did not finish (timed out or failed; $WORK/logs/bench.log); the table is complete"
     rm -f "$WORK/bench.json"
   else
-    python3 -c "import json, sys; sys.path.insert(0, '.'); from ltr.bench import format_result; \
+    python3 -c "import json, sys; sys.path.insert(0, '.'); from ltr.experiments.bench import format_result; \
 print(format_result(json.load(open('$WORK/bench.json'))))"
   fi
 else

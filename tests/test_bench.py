@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ltr.bench import add_arguments, benchmark, estimate_flops, format_result, gpu_peak, run_cli
 from ltr.data import LtrError
+from ltr.experiments.bench import add_arguments, benchmark, estimate_flops, format_result, gpu_peak, run_cli
 from ltr.models import build_model
 
 
@@ -168,8 +168,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, on
 
 def test_cuda_default_compiles_at_most_twice() -> None:
     """On CUDA every precision runs eager and only the auto precision compiles (default, reduce-overhead)."""
-    from ltr.bench import bench_variants
-    from ltr.precision import resolve_precision
+    from ltr.engine.precision import resolve_precision
+    from ltr.experiments.bench import bench_variants
 
     cuda = torch.device("cuda")
     auto = resolve_precision("auto", cuda)  # bf16 on a GPU with it; fp16 here, where CUDA is absent

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ltr.cli import main
-from ltr.compare import COMPARE_ROWS, OUR_IMPLEMENTATION, run_compare
 from ltr.config import Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
+from ltr.experiments.compare import COMPARE_ROWS, OUR_IMPLEMENTATION, run_compare
+from ltr.experiments.tables import ONE_STAGE_ROW, PAPER_PEERS, PAPER_TABLE1
 from ltr.losses import LDAMLoss, class_balanced_weights, ldam_margins, log_prior, make_loss
 from ltr.methods import add_aux_heads, aux_balanced_step, rotations
 from ltr.models import build_model
 from ltr.plots import plot_group_summary
-from ltr.tables import ONE_STAGE_ROW, PAPER_PEERS, PAPER_TABLE1
 from ltr.train import stage2_from, train_stage1, train_stage2
 
 S1 = Stage1Config(dataset="cifar10", imbalance=10, model="resnet8", epochs=1, batch_size=128, lr=0.05)

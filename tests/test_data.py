@@ -15,6 +15,7 @@ import torch
 
 from ltr import data as D
 from ltr.cli import main
+from ltr.engine import cifar_files as F
 from ltr.synthetic import write_fake_cifar
 
 TOTALS = {
@@ -180,10 +181,10 @@ def test_download_checks_md5_and_unpacks(tmp_path: Path, monkeypatch: pytest.Mon
     info = _small_info(tmp_path, archive)
     monkeypatch.setitem(D.DATASETS, "cifar10", info)
     root = tmp_path / "root"
-    folder = D.download(root, "cifar10")
+    folder = F.download(root, "cifar10")
     assert folder == root / info.folder and (folder / "test_batch").is_file()
     assert all(c.ok for c in D.verify(root, "cifar10"))
-    assert D.download(root, "cifar10") == folder  # present: skipped
+    assert F.download(root, "cifar10") == folder  # present: skipped
     assert not [p for p in root.iterdir() if p.name.startswith(".") or p.suffix == ".part"]
 
 
@@ -196,7 +197,7 @@ def test_download_verifies_unpacked_files(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(D.DATASETS, "cifar10", replace(info, file_md5=tuple(files.items())))
     root = tmp_path / "root"
     with pytest.raises(D.DataError, match="test_batch") as err:
-        D.download(root, "cifar10")
+        F.download(root, "cifar10")
     assert "--download" in str(err.value)
     assert list(root.iterdir()) == []
 
@@ -207,7 +208,7 @@ def test_verify_cli_names_the_file_that_differs(tmp_path: Path, monkeypatch: pyt
     info = _small_info(tmp_path, archive)
     monkeypatch.setitem(D.DATASETS, "cifar10", info)
     root = tmp_path / "root"
-    D.download(root, "cifar10")
+    F.download(root, "cifar10")
     assert main(["data", "--root", str(root), "--dataset", "cifar10", "--verify"]) == 0
     out = capsys.readouterr().out
     assert out.count(": ok") == 7 and "data_batch_5" in out and "batches.meta" in out
@@ -231,7 +232,7 @@ def test_download_bad_md5_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(D.DATASETS, "cifar10", info)
     root = tmp_path / "root"
     with pytest.raises(D.DataError, match="md5"):
-        D.download(root, "cifar10")
+        F.download(root, "cifar10")
     assert list(root.iterdir()) == []
 
 

@@ -15,8 +15,8 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from ltr import dist
 from ltr.data import DeviceLoader
+from ltr.engine import dist
 from ltr.losses import cross_entropy
 from ltr.methods import StepModule, add_aux_heads, aux_balanced_step, plain_step
 

@@ -10,8 +10,8 @@ import torch
 
 from ltr.cli import main
 from ltr.data import LtrError
-from ltr.jobs import check_jobs, gpu_slots
-from ltr.tables import TABLE1_ROWS, Row, run_table
+from ltr.experiments.jobs import check_jobs, gpu_slots
+from ltr.experiments.tables import TABLE1_ROWS, Row, run_table
 
 # A stage-1 row and two stage-2 rows on it that may run at once: post-hoc (computes and caches the
 # stage-1 model's test features) and trained (reads or writes the same cache).
@@ -63,7 +63,7 @@ def test_each_worker_gets_its_own_gpu_when_several_are_visible(monkeypatch: pyte
 
 
 def test_a_plan_compiles_stage1_only() -> None:
-    from ltr.jobs import stage_kwargs
+    from ltr.experiments.jobs import stage_kwargs
 
     common = {"compile": True, "compile_mode": "reduce-overhead", "precision": "auto"}
     assert stage_kwargs("stage1", common)["compile"] is True

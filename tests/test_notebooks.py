@@ -21,7 +21,7 @@ import pytest
 from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
 from nbclient import NotebookClient
 
-from ltr.tuning import sweep_grid
+from ltr.experiments.tuning import sweep_grid
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"

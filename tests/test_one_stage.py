@@ -19,10 +19,10 @@ from ltr import notebook_tools, plots
 from ltr.cli import main
 from ltr.config import LATER_DEFAULTS, MLA_TAU, Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
+from ltr.experiments.sweep import run_sweep
 from ltr.methods import feature_regularized_step
 from ltr.models import build_model, simplex_etf
 from ltr.regularizers import multiplicative_logit_adjust
-from ltr.sweep import run_sweep
 from ltr.train import load_stage1, stage2_from, train_stage1, train_stage2
 
 # cifar10 at IF 10 on the small synthetic files: 10 classes, 64-d ResNet-8 features (d >= K - 1).
@@ -201,9 +201,9 @@ def test_logit_rescaling_of_mla_recovers_its_tau(etf_run: Path, small_root: Path
 
 
 def test_tuned_mla_tau_applies_to_the_one_stage_row(tmp_path: Path) -> None:
-    from ltr.rundir import write_json
-    from ltr.tables import ONE_STAGE_ROW, TABLE1_ROWS, tune_rows
-    from ltr.tuning import read_tuned, tuned_header
+    from ltr.engine.rundir import write_json
+    from ltr.experiments.tables import ONE_STAGE_ROW, TABLE1_ROWS, tune_rows
+    from ltr.experiments.tuning import read_tuned, tuned_header
 
     write_json(tmp_path / "sweep.json", {"kind": "mla-tau", "preset": "cpu", "dataset": "cifar100",
                                          "imbalance": 100.0, "chosen": 0.4, "preset_value": MLA_TAU})

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from ltr import plots
 from ltr.config import Stage2Config, preset_config
 from ltr.data import LtrError
-from ltr.tables import PAPER_TABLE1, TABLE1_ROWS
+from ltr.experiments.tables import PAPER_TABLE1, TABLE1_ROWS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -193,7 +193,7 @@ def test_table1_rows_and_labels() -> None:
 
 
 def test_table1_row_matches_the_table_runner() -> None:
-    """Every row that ltr.tables runs is recognised by its recipe, under the name of the paper's row."""
+    """Every row that tables runs is recognised by its recipe, under the name of the paper's row."""
     for row in TABLE1_ROWS:
         s1 = {"dataset": "cifar100", "imbalance": 100.0, "method": "ce",
               "wd": 0.0 if row.stage1 == "naive" else 5e-3}

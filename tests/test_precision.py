@@ -11,7 +11,7 @@ import torch
 from ltr.cli import main
 from ltr.config import Stage1Config
 from ltr.data import LtrError
-from ltr.precision import autocast_dtype, grad_scaler, resolve_precision
+from ltr.engine.precision import autocast_dtype, grad_scaler, resolve_precision
 from ltr.train import train_stage1
 
 CUDA = torch.device("cuda")

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import ltr.tables
+import ltr.experiments.tables
 from ltr.cli import main
 from ltr.data import LtrError
-from ltr.rundir import read_json
-from ltr.sweep import check_values, choose, plan_points, run_sweep, summarize, write_outputs
+from ltr.engine.rundir import read_json
+from ltr.experiments.sweep import check_values, choose, plan_points, run_sweep, summarize, write_outputs
+from ltr.experiments.tables import TABLE1_ROWS, plan
+from ltr.experiments.tuning import KINDS, sweep_grid
 from ltr.synthetic import write_fake_cifar
-from ltr.tables import TABLE1_ROWS, plan
-from ltr.tuning import KINDS, sweep_grid
 
 FAST = dict(device="cpu", progress=False)
 
@@ -109,7 +109,7 @@ def test_choice_needs_every_seed() -> None:
 
 
 def test_interrupted_grid_resumes(sweep_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ltr.tables.train_stage1
+    real = ltr.experiments.tables.train_stage1
     calls = []
 
     def dies_on_second(*args: object, **kwargs: object) -> dict:
@@ -118,12 +118,12 @@ def test_interrupted_grid_resumes(sweep_root: Path, tmp_path: Path, monkeypatch:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ltr.tables, "train_stage1", dies_on_second)
+    monkeypatch.setattr(ltr.experiments.tables, "train_stage1", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_sweep("stage1-wd", values=[0.0, 1e-3], root=sweep_root, out=tmp_path, preset="tiny", **FAST)
     first = _mtimes(tmp_path)
     assert len(first) == 1
-    monkeypatch.setattr(ltr.tables, "train_stage1", real)
+    monkeypatch.setattr(ltr.experiments.tables, "train_stage1", real)
     files = run_sweep("stage1-wd", values=[0.0, 1e-3], root=sweep_root, out=tmp_path, preset="tiny", **FAST)
     assert len(pd.read_csv(files["sweep.csv"])) == 2
     assert all(_mtimes(tmp_path)[p] == t for p, t in first.items())
@@ -209,4 +209,5 @@ def test_table1_tuned_uses_the_chosen_values(swept: Path, sweep_root: Path,
 
 def test_tuned_refuses_another_preset(swept: Path, sweep_root: Path) -> None:
     with pytest.raises(LtrError, match="--preset smoke"):
-        ltr.tables.run_table(root=sweep_root, out=swept, preset="tiny", tuned=[swept / "sweep-tau"], **FAST)
+        ltr.experiments.tables.run_table(root=sweep_root, out=swept, preset="tiny",
+                                         tuned=[swept / "sweep-tau"], **FAST)

@@ -13,8 +13,16 @@ import pytest
 
 from ltr.cli import main
 from ltr.data import LtrError
-from ltr.rundir import read_json
-from ltr.tables import PAPER_TABLE1, TABLE1_ROWS, best_test_cells, best_test_epoch, fmt_best, plan, run_table
+from ltr.engine.rundir import read_json
+from ltr.experiments.tables import (
+    PAPER_TABLE1,
+    TABLE1_ROWS,
+    best_test_cells,
+    best_test_epoch,
+    fmt_best,
+    plan,
+    run_table,
+)
 
 FAST = dict(preset="smoke", device="cpu", progress=False)
 

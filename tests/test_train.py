@@ -13,7 +13,7 @@ import torch
 
 from ltr.config import Stage1Config, preset_config, run_name
 from ltr.data import LtrError, load_cifar_lt
-from ltr.rundir import RunLock
+from ltr.engine.rundir import RunLock
 from ltr.train import lr_factor, train_stage1
 
 TINY = dict(dataset="cifar10", imbalance=10, model="resnet8", epochs=2, batch_size=64, lr=0.05,

@@ -1,4 +1,4 @@
-"""Sweep kinds and per-preset grids (ltr.tuning), and the one-way import stack of the package."""
+"""Sweep kinds and per-preset grids (ltr.experiments.tuning), and the one-way import stack of the package."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from ltr.config import PRESETS, Stage1Config, Stage2Config, preset_config
 from ltr.data import LtrError
-from ltr.tuning import KINDS, sweep_grid
+from ltr.experiments.tuning import KINDS, sweep_grid
 
 LTR = Path(__file__).resolve().parent.parent / "ltr"
 

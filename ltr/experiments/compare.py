@@ -2,9 +2,9 @@
 decoupling / loss baselines (cRT, LWS, logit adjustment, balanced softmax, LDAM-DRW) and Hasegawa & Sato's
 one-stage recipe (our implementation).
 
-Planning, running, resume and figures are the Table 1 runner's (ltr.tables); this module only picks the
+Planning, running, resume and figures are the Table 1 runner's (tables); this module only picks the
 rows and writes compare.csv / compare.md. A cell of ours is the mean (± std) over the seeds that a run in
-the output folder produced; a published number is only ever one that ltr.tables quotes from a paper.
+the output folder produced; a published number is only ever one that tables quotes from a paper.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import MLA_TAU, preset_config
-from .rundir import write_atomic, write_json
+from ..config import MLA_TAU, preset_config
+from ..engine.rundir import write_atomic, write_json
 from .tables import (
     BEST_NOTE,
     GROUPS,
@@ -62,7 +62,7 @@ COMPARE_ROWS: tuple[Row, ...] = (
 
 @dataclass(frozen=True)
 class Published:
-    """Where a row's published CIFAR100-LT IF100 figure comes from (keys into ltr.tables' quotes)."""
+    """Where a row's published CIFAR100-LT IF100 figure comes from (keys into tables' quotes)."""
 
     wb_row: str | None = None  # a row of WB Table 1 with the same recipe (PAPER_TABLE1)
     peer: str | None = None  # the method's own paper, own recipe, as WB Table 2 quotes it (PAPER_PEERS)
@@ -201,7 +201,7 @@ def write_compare(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int
         "rows": [asdict(r) for r in rows],
     })
     if figures:
-        from . import plots
+        from .. import plots
 
         # The figure a reader looks at first: every method's groups with their spread over seeds.
         note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"

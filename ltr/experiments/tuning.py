@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MLA_TAU, PRESETS
-from .data import LtrError
-from .rundir import read_json
+from ..config import MLA_TAU, PRESETS
+from ..engine.rundir import read_json
+from ..errors import LtrError
 
 
 @dataclass(frozen=True)

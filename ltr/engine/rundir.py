@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .data import LtrError
+from .. import __version__
+from ..errors import LtrError
 
 
 def git_commit() -> str:

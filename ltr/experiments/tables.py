@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import (
+from ..config import (
     CB_LABELS,
     CB_VARIANTS,
     FIDELITIES,
@@ -25,11 +25,11 @@ from .config import (
     run_name,
     stage2_name,
 )
-from .data import LtrError, load_cifar_lt, resolve_device
+from ..data import LtrError, load_cifar_lt, resolve_device
+from ..engine.precision import check_precision
+from ..engine.rundir import read_json, write_atomic, write_json
+from ..train import TimeLimitReached, stage2_from, train_stage1, train_stage2
 from .jobs import check_jobs, run_parallel, stage_kwargs
-from .precision import check_precision
-from .rundir import read_json, write_atomic, write_json
-from .train import TimeLimitReached, stage2_from, train_stage1, train_stage2
 from .tuning import read_tuned, tuned_header
 
 GROUPS = ("many", "medium", "few", "all")
@@ -233,7 +233,7 @@ def run_plan(
 ) -> tuple[dict[tuple[str, float, int], Path], list[int], list[float]]:
     """Run every run the rows need (finished ones skipped, unfinished resumed); (row, IF, seed) -> dir.
 
-    jobs > 1 trains independent runs at once in that many worker processes (ltr.jobs); the run
+    jobs > 1 trains independent runs at once in that many worker processes (ltr.experiments.jobs); the run
     directories are the same as with jobs=1.
     """
     seeds = [int(s) for s in seeds]
@@ -268,8 +268,8 @@ def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str 
     """Train planned runs (stage 1 before the stage 2 on top), finished ones skipped, others resumed.
 
     data maps each imbalance factor to its loaded LTData; jobs > 1 trains independent runs at once in
-    that many worker processes (ltr.jobs), into the same run directories as jobs=1. compile applies to
-    stage 1 only (ltr.jobs.stage_kwargs).
+    that many worker processes (jobs), into the same run directories as jobs=1. compile applies to
+    stage 1 only (ltr.experiments.jobs.stage_kwargs).
     """
     from tqdm.auto import tqdm
 
@@ -290,7 +290,7 @@ def train_runs(runs: list[PlannedRun], data: dict, dev: torch.device, root: str 
 
 
 def tune_rows(rows: tuple[Row, ...], chosen: dict[str, float]) -> tuple[Row, ...]:
-    """Table 1's rows with values chosen by sweeps (by kind, ltr.tuning.APPLIES) in place of the paper's."""
+    """Table 1's rows with values chosen by sweeps (by kind, tuning.APPLIES) in place of the paper's."""
     new = []
     for row in rows:
         s2 = dict(row.stage2)
@@ -332,7 +332,7 @@ def run_table(
 ) -> dict[str, Path]:
     """Plan, run (skipping finished runs, resuming unfinished ones) and tabulate; returns written files.
 
-    tuned: sweep directories (ltr.sweep) whose validation-chosen values replace the paper's; the table
+    tuned: sweep directories (sweep) whose validation-chosen values replace the paper's; the table
     is then written as table1-tuned.md / .csv beside the paper-valued one, and its header says so.
     cb_variant: the class-balanced loss of the CB rows (standard | official | both; None = the preset's).
     fidelity: stage 2's (official: WB's epoch-stepped schedule, MaxNorm once per epoch, BN in train mode;
@@ -579,7 +579,7 @@ def write_tables(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int]
 def table_figures(rows: tuple[Row, ...], out: Path, where: dict, seed: int, imbalance: float,
                   preset: str, folder: str = "figures") -> dict[str, Path]:
     """SPEC 5's figures from the run directories of one seed, into out/folder."""
-    from . import plots  # builds Figures without pyplot: no backend switch, nothing left open
+    from .. import plots  # builds Figures without pyplot: no backend switch, nothing left open
 
     fig_dir = out / folder
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .data import LtrError
+from ..errors import LtrError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

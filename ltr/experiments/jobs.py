@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from .data import LtrError
-from .train import TimeLimitReached
+from ..errors import LtrError, TimeLimitReached
 
 POLL_SECONDS = 0.5  # how often the parent checks that its workers are alive while it waits
 
@@ -71,8 +70,8 @@ def _worker(slot: str | None, threads: int, tasks: Any, results: Any, root: str,
     if slot is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot  # before anything touches CUDA in this process
     torch.set_num_threads(threads)
-    from .data import load_cifar_lt
-    from .train import train_stage1, train_stage2
+    from ..data import load_cifar_lt
+    from ..train import train_stage1, train_stage2
 
     data: dict[float, Any] = {}
     while True:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import PRESETS, preset_config, run_name, stage2_name
-from .data import VAL_PER_CLASS, LtrError, load_cifar_lt, resolve_device
+from ..config import PRESETS, preset_config, run_name, stage2_name
+from ..data import VAL_PER_CLASS, LtrError, load_cifar_lt, resolve_device
+from ..engine.precision import check_precision
+from ..engine.rundir import read_json, write_atomic, write_json
+from ..train import stage2_from
 from .jobs import check_jobs
-from .precision import check_precision
-from .rundir import read_json, write_atomic, write_json
 from .tables import (
     GROUPS,
     ONE_STAGE_ROW,
@@ -33,7 +34,6 @@ from .tables import (
     stage1_config,
     train_runs,
 )
-from .train import stage2_from
 from .tuning import SWEEP_FILE, SweepKind, fmt_score, get_kind, sweep_grid
 
 # Rows a sweep may run: WB's Table 1 and the one-stage row of `ltr compare`.
@@ -229,7 +229,7 @@ def write_outputs(kind: SweepKind, points: pd.DataFrame, sweep_dir: Path, info: 
     write_atomic(files["sweep.md"], markdown(kind, summary, info))
     write_json(files[SWEEP_FILE], info)
     if figures:
-        from . import plots
+        from .. import plots
 
         fig = plots.plot_sweep(summary, kind.field, kind.label, info["chosen"], info["paper"],
                                log=kind.log, preset_value=info["preset_value"], preset=info["preset"],

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .data import LtrError
+from ..errors import LtrError
 
 
 def world() -> tuple[int, int]:

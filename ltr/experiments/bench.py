@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import (
+from ..data import (
     DATASETS,
     MEAN,
     STD,
@@ -63,8 +63,7 @@ from .data import (
     long_tail_counts,
     resolve_device,
 )
-from .models import MODELS, build_model
-from .precision import (
+from ..engine.precision import (
     PRECISIONS,
     autocast,
     autocast_dtype,
@@ -73,6 +72,7 @@ from .precision import (
     resolve_precision,
     set_backend_flags,
 )
+from ..models import MODELS, build_model
 
 # The recipe's step (SPEC 3): lr 0.01, momentum 0.9, weight decay 5e-3 (the WD-tuned row).
 LR = 0.01
@@ -576,7 +576,7 @@ def benchmark(
     }
     if kind == "cuda":
         result["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
-    # Every path runs under the trainer's backend flags for its precision (ltr.precision.set_backend_flags:
+    # Every path runs under the trainer's backend flags for its precision (engine.precision.set_backend_flags:
     # cuDNN's autotuner for all, which most LTR repos set too); the caller's flags come back at the end.
     flags_before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     ref = None
