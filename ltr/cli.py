@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CB_VARIANTS, FIDELITIES, MLA_TAU, PRESETS
-from .data import DATASETS, LtrError, check_imbalance, load_cifar_lt
+from .config import CB_VARIANTS, FIDELITIES, PRESETS, stage2_recipe_fields
+from .data import DATASETS, check_imbalance, load_cifar_lt
+from .engine.checkpoint import DEADLINE_ENV
 from .engine.precision import PRECISIONS
-from .train import COMPILE_MODES, DEADLINE_ENV, TimeLimitReached
+from .engine.step import COMPILE_MODES
+from .errors import LtrError, RunInterrupted, TimeLimitReached
 
 PRESET_NAMES = " | ".join(PRESETS)
 
@@ -281,14 +283,7 @@ def _stage(args: argparse.Namespace, stage: str) -> int:
     if stage == "stage1" and fields.get("imbalance") is not None:
         fields["imbalance"] = check_imbalance(fields["imbalance"])
     if stage == "stage2":
-        if fields.pop("crt"):
-            if fields.get("sampling") not in (None, "balanced"):
-                raise LtrError("--crt retrains on class-balanced batches; drop --sampling instance")
-            fields.update(sampling="balanced", reinit=True)
-        if fields.get("posthoc") == "mla" and fields.get("tau") is None:
-            fields["tau"] = MLA_TAU  # Hasegawa & Sato's tau for CIFAR100-LT, not tau-norm's 1.9
-        if fields.get("lws") and fields.get("sampling") is None:
-            fields["sampling"] = "balanced"  # Kang et al. learn the scales on class-balanced batches
+        fields = stage2_recipe_fields(fields)
     cfg = train.preset_config(stage, args.preset, **fields)
     _set_time_limit(args)
     common = dict(root=args.root, device=args.device, download=args.download,
@@ -398,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     except TimeLimitReached as exc:
         print(f"ltr {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as exc:  # Ctrl-C: every run keeps its last checkpoint, so no traceback
+        said = str(exc) if isinstance(exc, RunInterrupted) else "interrupted; run the same command to resume"
+        print(f"ltr {args.command}: {said}", file=sys.stderr)
+        return 130
     except LtrError as exc:
         print(f"ltr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from .data import LtrError, check_imbalance, dataset_info
+from .data import check_imbalance, dataset_info
+from .errors import LtrError
 from .models import MODELS
 
 STAGE1_METHODS = ("ce", "aux-balanced", "etf-fr")
@@ -15,6 +16,9 @@ MLA_TAU = 0.65  # Hasegawa & Sato's tau of multiplicative logit adjustment on CI
 CB_VARIANTS = ("official", "standard")
 # How tables name the two class-balanced losses: only the official one is WB's.
 CB_LABELS = {"official": "WB's loss", "standard": "weighted CE"}
+# fidelity: "corrected" (ours: cosine stepped every optimizer step, MaxNorm after every step, frozen BN in
+# eval mode) | "official" (what WB's code does: cosine stepped per epoch, last epoch at lr 0, MaxNorm once an
+# epoch, BN in train mode, fp32). docs/recipe.md says why both exist.
 FIDELITIES = ("corrected", "official")
 # What stage 2's fidelity "official" sets besides the epoch-stepped schedule: the official code projects
 # MaxNorm once per epoch and leaves the frozen backbone's BN in train mode.
@@ -22,7 +26,8 @@ OFFICIAL_STAGE2 = {"pgd_every": "epoch", "bn": "train"}
 
 # Fields added after runs were first written, with their defaults: a run directory whose config.json
 # lacks one of them was made with the default, so it still matches (and resumes) under today's config.
-LATER_DEFAULTS: dict[str, object] = {
+FEATURE_REG = 0.01  # Hasegawa & Sato's feature regularisation on CIFAR100-LT (coefficient)
+DEFAULTS_OF_ADDED_FIELDS: dict[str, object] = {
     "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False, "feature_reg": 0.01,
     "fidelity": "corrected",
 }
@@ -35,8 +40,9 @@ class Stage1Config:
     dataset: str = "cifar100"  # cifar100 | cifar10
     imbalance: float = 100.0  # imbalance factor n_max / n_min (ratio)
     model: str = "resnet34"  # backbone name (resnet34 | resnet32 | resnet8)
-    # ce = WB stage 1 (CE on instance batches) | aux-balanced (SPEC 6, our reading) | etf-fr (Hasegawa &
-    # Sato's one-stage recipe: fixed simplex-ETF classifier, learnable bias, feature regularisation)
+    # ce = WB stage 1 (CE on instance batches) | aux-balanced (docs/recipe.md §6, our reading) |
+    # etf-fr (Hasegawa & Sato's one-stage recipe: fixed simplex-ETF classifier, learnable bias, feature
+    # regularisation)
     method: str = "ce"
     aux_weight: float = 1.0  # lambda of aux-balanced: loss = CE_balanced + lambda * CE_instance (ratio)
     ssl: str | None = None  # aux-balanced only: rotation = 4-way rotation head on the instance batch
@@ -49,7 +55,7 @@ class Stage1Config:
     momentum: float = 0.9  # SGD momentum
     wd: float = 5e-3  # weight decay on every parameter, BN included (0 = the naive model)
     seed: int = 0  # seeds initialisation and batch order
-    fidelity: str = "corrected"  # corrected = per-step cosine; official = epoch-stepped, fp32
+    fidelity: str = "corrected"  # corrected: cosine per step | official: WB's, per epoch, fp32 (FIDELITIES)
     eval_every: int = 10  # epochs between test evaluations shown in the progress bar
 
 
@@ -84,7 +90,7 @@ class Stage2Config:
     eval_every: int = 1  # epochs between test evaluations shown in the progress bar
     # corrected = per-step cosine; official = WB's stage 2: cosine stepped at the start of each epoch (the
     # last epoch at lr 0), with pgd_every="epoch" and bn="train" (OFFICIAL_STAGE2), fp32
-    fidelity: str = "corrected"
+    fidelity: str = "corrected"  # corrected | official (FIDELITIES)
 
 
 # A preset's own default sweep grids ("sweeps": kind -> values, tuning.sweep_grid), kept apart from
@@ -163,7 +169,7 @@ def run_name(cfg: Stage1Config) -> str:
     parts = [cfg.dataset, f"if{_fmt(cfg.imbalance)}", cfg.model]
     if cfg.method != "ce":
         parts.append(cfg.method + (_fmt(cfg.aux_weight) if cfg.aux_weight != 1.0 else "")
-                     + (_fmt(cfg.feature_reg) if cfg.feature_reg != LATER_DEFAULTS["feature_reg"] else ""))
+                     + (_fmt(cfg.feature_reg) if cfg.feature_reg != FEATURE_REG else ""))
     if cfg.ssl:
         parts.append(cfg.ssl)
     parts += [f"wd{_fmt(cfg.wd)}", f"e{cfg.epochs}"]
@@ -188,7 +194,7 @@ def validate_stage1(cfg: Stage1Config) -> None:
         raise LtrError("--aux-weight and --ssl configure the auxiliary heads of --method aux-balanced")
     if not (cfg.feature_reg >= 0 and math.isfinite(cfg.feature_reg)):
         raise LtrError(f"--feature-reg must be a number >= 0, got {cfg.feature_reg}")
-    if cfg.method != "etf-fr" and cfg.feature_reg != LATER_DEFAULTS["feature_reg"]:
+    if cfg.method != "etf-fr" and cfg.feature_reg != DEFAULTS_OF_ADDED_FIELDS["feature_reg"]:
         raise LtrError("--feature-reg sets the feature regularisation of --method etf-fr")
     if cfg.fidelity not in ("corrected", "official"):
         raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
@@ -232,7 +238,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
                 + ": drop those, or use --fidelity corrected with them"
             )
     if cfg.maxnorm is not None and not (0 < cfg.maxnorm <= 1):
-        raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of SPEC 4), got {cfg.maxnorm}")
+        raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of docs/recipe.md §4), got {cfg.maxnorm}")
     if cfg.tau < 0:
         raise LtrError(f"--tau must be >= 0, got {cfg.tau}")
     if not (cfg.la_tau >= 0 and math.isfinite(cfg.la_tau)):
@@ -312,3 +318,35 @@ def stage2_inert_fields(cfg: Stage2Config) -> tuple[str, ...]:
     A run directory made when such a field had another default is still the same run, so it is reused.
     """
     return ("cb_variant",) if cfg.loss != "cb" else ()
+
+
+def stage2_recipe_fields(fields: dict) -> dict:
+    """Stage-2 fields with the defaults a named recipe implies (the CLI and stage2_from share them).
+
+    crt=True: cRT (Kang et al.) retrains a re-initialised classifier on class-balanced batches. posthoc mla
+    without tau: Hasegawa & Sato's tau for CIFAR100-LT (MLA_TAU), not tau-norm's 1.9. lws: Kang et al. learn
+    the scales on class-balanced batches.
+    """
+    fields = dict(fields)
+    if fields.pop("crt", False):
+        if fields.get("sampling") not in (None, "balanced"):
+            raise LtrError("--crt retrains on class-balanced batches; drop --sampling instance")
+        fields.update(sampling="balanced", reinit=True)
+    if fields.get("posthoc") == "mla" and fields.get("tau") is None:
+        fields["tau"] = MLA_TAU
+    if fields.get("lws") and fields.get("sampling") is None:
+        fields["sampling"] = "balanced"
+    return fields
+
+
+def read_recorded_config(config: dict, recorded: dict, inert: tuple[str, ...] = ()) -> dict:
+    """config as an older run directory would have recorded it, so that the two compare field by field.
+
+    A field the record lacks was added later: left out where config holds its default. inert fields
+    (stage2_inert_fields) take the recorded value: they do not change the run.
+    """
+    missing = object()
+    config = {k: v for k, v in config.items()
+              if k in recorded or (k not in inert and DEFAULTS_OF_ADDED_FIELDS.get(k, missing) != v)}
+    config.update({k: recorded[k] for k in inert if k in recorded})
+    return config

@@ -13,3 +13,7 @@ class DataError(LtrError):
 
 class TimeLimitReached(LtrError):
     """The time limit (LTR_DEADLINE) passed: the run stopped at an epoch boundary, its checkpoint kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; its last checkpoint is kept, so the same command resumes it."""

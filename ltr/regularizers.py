@@ -86,3 +86,17 @@ class ScaledLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled logits s_c * (w_c . x + b_c)."""
         return F.linear(x, self.weight, self.bias) * self.scale
+
+
+def apply_posthoc(kind: str, fc: nn.Linear, counts: list[int], tau: float, la_tau: float) -> None:
+    """Apply a post-hoc normaliser to a trained classifier in place (tau: tau-norm's / mla's exponent)."""
+    if kind == "l2norm":
+        l2_normalize(fc.weight)
+    elif kind == "tau-norm":
+        tau_normalize(fc.weight, tau)
+    elif kind == "mla":
+        # Rows and bias divided by prior_c ** tau: every evaluation sees logit_c / prior_c ** tau.
+        multiplicative_logit_adjust(fc, counts, tau)
+    else:
+        # In the bias, so that every evaluation (plain, flip, marginal likelihood) sees it.
+        logit_adjust_bias(fc.bias, counts, la_tau)

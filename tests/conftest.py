@@ -128,3 +128,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within each module stays the collection order
+
+
+def stop_stage1_after(epochs: int, cfg: object, out: Path, **kwargs: object) -> int:
+    """Train a stage-1 run until the time limit (LTR_DEADLINE) stops it after `epochs` epochs, as a run
+    cut short would stop; returns the epoch its checkpoint holds."""
+    import ltr.engine.checkpoint as checkpoint
+    from ltr.errors import TimeLimitReached
+
+    # The checkpointer reads the clock once before the first epoch and once after each: the limit is
+    # passed at the end of epoch `epochs`.
+    readings = iter([0.0] * epochs + [float("inf")] * 10_000)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "time", type("Clock", (), {"time": staticmethod(lambda: next(readings))}))
+        mp.setenv(checkpoint.DEADLINE_ENV, "1")
+        with pytest.raises(TimeLimitReached):
+            train_stage1(cfg, out, **kwargs)
+    return int(torch.load(Path(out) / "ckpt.pt", weights_only=True)["epoch"])

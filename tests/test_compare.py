@@ -16,12 +16,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stop_stage1_after
 
 from ltr.cli import main
 from ltr.config import Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
 from ltr.experiments.compare import COMPARE_ROWS, OUR_IMPLEMENTATION, run_compare
-from ltr.experiments.tables import ONE_STAGE_ROW, PAPER_PEERS, PAPER_TABLE1
+from ltr.experiments.report import PAPER_PEERS, PAPER_TABLE1
+from ltr.experiments.tables import ONE_STAGE_ROW
 from ltr.losses import LDAMLoss, class_balanced_weights, ldam_margins, log_prior, make_loss
 from ltr.methods import add_aux_heads, aux_balanced_step, rotations
 from ltr.models import build_model
@@ -124,8 +126,7 @@ def test_aux_balanced_resume_is_bit_identical(small_root: Path, tmp_path: Path) 
                    counts=np.bincount(full_data.train_y[keep], minlength=10).tolist())
     kw = dict(data=data, device="cpu", progress=False)
     full = train_stage1(cfg, tmp_path / "full", **kw)
-    part = train_stage1(cfg, tmp_path / "res", stop_after=1, **kw)
-    assert part == {"finished": False, "epoch": 1}
+    assert stop_stage1_after(1, cfg, tmp_path / "res", **kw) == 1
     ckpt = torch.load(tmp_path / "res" / "ckpt.pt", weights_only=True)
     assert len(ckpt["loader_rngs"]) == 2  # the balanced and the instance sampler
     resumed = train_stage1(cfg, tmp_path / "res", **kw)

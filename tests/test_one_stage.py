@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ltr import notebook_tools, plots
 from ltr.cli import main
-from ltr.config import LATER_DEFAULTS, MLA_TAU, Stage1Config, run_name
+from ltr.config import DEFAULTS_OF_ADDED_FIELDS, MLA_TAU, Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
 from ltr.experiments.sweep import run_sweep
 from ltr.methods import feature_regularized_step
@@ -124,7 +124,7 @@ def test_old_run_dirs_without_feature_reg_still_match(etf_run: Path, small_root:
     old = tmp_path / "old"
     shutil.copytree(etf_run, old)
     info = json.loads((old / "config.json").read_text())
-    assert info["config"]["feature_reg"] == LATER_DEFAULTS["feature_reg"]
+    assert info["config"]["feature_reg"] == DEFAULTS_OF_ADDED_FIELDS["feature_reg"]
     info["config"].pop("feature_reg")
     (old / "config.json").write_text(json.dumps(info))
     assert train_stage1(ETF, old, root=small_root, device="cpu", progress=False) == json.loads(

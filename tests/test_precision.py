@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stop_stage1_after
 
 from ltr.cli import main
 from ltr.config import Stage1Config
@@ -83,7 +84,7 @@ def test_fp16_resume_restores_the_scaler(small_root: Path, tmp_path: Path) -> No
     cfg = Stage1Config(**TINY)
     common = dict(root=small_root, device="cpu", precision="fp16", progress=False)
     train_stage1(cfg, tmp_path / "full", **common)
-    train_stage1(cfg, tmp_path / "resumed", stop_after=1, **common)
+    assert stop_stage1_after(1, cfg, tmp_path / "resumed", **common) == 1
     train_stage1(cfg, tmp_path / "resumed", **common)
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stop_stage1_after
 
 from ltr.config import Stage1Config
 from ltr.data import LtrError, load_cifar_lt
@@ -263,7 +264,7 @@ def test_from_missing_or_unfinished_run(small_root: Path, tmp_path: Path) -> Non
     with pytest.raises(LtrError, match="not a stage-1 run directory"):
         _s2(tmp_path / "nope", small_root, tmp_path / "o")
     part = tmp_path / "part"
-    train_stage1(S1, part, root=small_root, device="cpu", progress=False, stop_after=1)
+    stop_stage1_after(1, S1, part, root=small_root, device="cpu", progress=False)
     with pytest.raises(LtrError, match="not finished"):
         _s2(part, small_root, tmp_path / "o2")
 
@@ -317,8 +318,9 @@ def test_stage2_reads_the_data_root_its_stage1_run_recorded(stage1: Path, tmp_pa
 
 def test_cached_test_features_give_the_full_forward_logits(stage1: Path, small_root: Path,
                                                            tmp_path: Path) -> None:
+    from ltr.features import FEATURES_FILE, feature_predictor, test_features
     from ltr.metrics import predict_logits
-    from ltr.train import FEATURES_FILE, feature_predictor, load_stage1, test_features
+    from ltr.train import load_stage1
 
     metrics = _s2(stage1, small_root, tmp_path / "cb", loss="cb", wd=0.1, maxnorm=0.1)
     assert (stage1 / FEATURES_FILE).is_file()  # written once, in the stage-1 run directory

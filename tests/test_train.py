@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stop_stage1_after
 
 from ltr.config import Stage1Config, preset_config, run_name
 from ltr.data import LtrError, load_cifar_lt
@@ -52,9 +53,8 @@ def test_smoke_run_learns_and_writes_run_dir(small_root: Path, tmp_path: Path) -
 def test_kill_and_resume_is_bit_identical(small_root: Path, tmp_path: Path) -> None:
     _run(small_root, tmp_path / "full")
     cfg = Stage1Config(**TINY)
-    part = train_stage1(cfg, tmp_path / "resumed", root=small_root, device="cpu", progress=False,
-                        stop_after=1)
-    assert part == {"finished": False, "epoch": 1}
+    part = stop_stage1_after(1, cfg, tmp_path / "resumed", root=small_root, device="cpu", progress=False)
+    assert part == 1
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["epoch"] == 1
     train_stage1(cfg, tmp_path / "resumed", root=small_root, device="cpu", progress=False)
@@ -118,7 +118,7 @@ def test_lock_stops_second_writer(small_root: Path, tmp_path: Path) -> None:
 def test_nan_loss_keeps_last_good_checkpoint(small_root: Path, tmp_path: Path) -> None:
     cfg = Stage1Config(**{**TINY, "epochs": 3})
     out = tmp_path / "nan"
-    train_stage1(cfg, out, root=small_root, device="cpu", progress=False, stop_after=1)
+    stop_stage1_after(1, cfg, out, root=small_root, device="cpu", progress=False)
     good = _weights(out)
     # Poison the saved classifier: the resumed epoch's loss is NaN without changing the config.
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -139,7 +139,7 @@ def test_diverging_lr_is_reported(small_root: Path, tmp_path: Path) -> None:
 def test_corrupt_checkpoint(small_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "corrupt"
     cfg = Stage1Config(**TINY)
-    train_stage1(cfg, out, root=small_root, device="cpu", progress=False, stop_after=1)
+    stop_stage1_after(1, cfg, out, root=small_root, device="cpu", progress=False)
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(LtrError, match="corrupt"):
         train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
@@ -238,23 +238,23 @@ def test_time_limit_stops_at_an_epoch_boundary_and_resumes(small_root: Path, tmp
     """Past LTR_DEADLINE a run checkpoints after its epoch and raises; without it the run resumes."""
     import types
 
-    import ltr.train as train
+    import ltr.engine.checkpoint as checkpoint
+    from ltr.errors import TimeLimitReached
 
     clock = iter([0.0, 200.0])  # the start check passes, the end of epoch 1 is past the limit
-    fake = types.SimpleNamespace(time=lambda: next(clock), perf_counter=train.time.perf_counter)
-    monkeypatch.setattr(train, "time", fake)
-    monkeypatch.setenv(train.DEADLINE_ENV, "100")
+    fake = types.SimpleNamespace(time=lambda: next(clock))
+    monkeypatch.setattr(checkpoint, "time", fake)
+    monkeypatch.setenv(checkpoint.DEADLINE_ENV, "100")
     cfg = Stage1Config(**TINY)
     out = tmp_path / "cut"
-    with pytest.raises(train.TimeLimitReached, match="after epoch 1/2"):
+    with pytest.raises(TimeLimitReached, match="after epoch 1/2"):
         train_stage1(cfg, out, root=small_root, device="cpu", progress=False, ckpt_every=10)
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1  # saved although ckpt_every=10
     assert not (out / "metrics.json").exists()
-    with pytest.raises(train.TimeLimitReached, match="before stage1"):  # still past it: nothing starts
-        monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: 300.0,
-                                                                 perf_counter=fake.perf_counter))
+    with pytest.raises(TimeLimitReached, match="before stage1"):  # still past it: nothing starts
+        monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(time=lambda: 300.0))
         train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
-    monkeypatch.delenv(train.DEADLINE_ENV)
+    monkeypatch.delenv(checkpoint.DEADLINE_ENV)
     m = train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
     assert m["epochs"] == 2
     assert (out / "history.csv").read_text().count("\n") == 3  # header + epochs 1 and 2, none twice
