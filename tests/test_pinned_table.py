@@ -73,5 +73,7 @@ if __name__ == "__main__":
         root = Path(tmp) / "tiny"
         write_fake_cifar(root, "cifar100", train_per_class=100, test_per_class=10)
         numbers = tiny_table_numbers(root, Path(tmp) / "t")
-    PINNED.write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
+    compact = {"sort_keys": True, "separators": (",", ":")}
+    runs = [f"{json.dumps(k)}:{json.dumps(v, **compact)}" for k, v in sorted(numbers.items())]
+    PINNED.write_text("{\n" + ",\n".join(runs) + "\n}\n")  # one run a line
     print(f"recorded {len(numbers)} runs into {PINNED}", file=sys.stderr)
