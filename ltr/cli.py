@@ -88,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tailed recognition via weight balancing (WB, CVPR 2022) on CIFAR-LT.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data_command, _add_stage1_command, _add_stage2_command, _add_compare_command,
+                _add_table1_command, _add_sweep_command):
+        add(sub)
+    from .experiments import bench
 
+    b = sub.add_parser("bench", help="time ltr's training step against a plain DataLoader/PIL loop")
+    bench.add_arguments(b)
+    return parser
+
+
+def _add_data_command(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="build CIFAR-LT and print its split sizes, groups and profile")
     d.add_argument("--root", default="data", help="data root (default: data)")
     d.add_argument("--dataset", default="cifar100", help="cifar100 | cifar10")
@@ -98,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verify", action="store_true",
                    help="check the unpacked files against the official md5 values (exit 2 on a mismatch)")
 
+
+def _add_stage1_command(sub: argparse._SubParsersAction) -> None:
     s1 = sub.add_parser("stage1", help="feature learning: train a backbone (CE, or aux-balanced)")
     s1.add_argument("--method", default=None,
                     help="ce (WB) | aux-balanced (balanced main head + instance auxiliary head; "
@@ -119,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(s1)
     _add_time_limit(s1)
 
+
+def _add_stage2_command(sub: argparse._SubParsersAction) -> None:
     s2 = sub.add_parser("stage2", help="classifier learning on a finished stage-1 run")
     s2.add_argument("--from", dest="from_run", required=True, help="stage-1 run directory")
     s2.add_argument("--loss", default=None,
@@ -155,12 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_general(s2, "10", "64", "0.01", "1")
     _add_runtime(s2, None, "the root its stage-1 run recorded")
 
+
+def _add_compare_command(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="WB beside aux-balanced and cRT, LWS, LA, BS, LDAM-DRW baselines")
     _add_plan(c, "compare", "; a table1 folder of the same preset reuses its stage-1 runs")
     c.add_argument("--tuned", nargs="+", default=None, metavar="SWEEP_DIR",
                    help="use the values these sweeps chose on validation (ltr sweep) instead of WB's; "
                         "writes compare-tuned.md / .csv beside compare.md")
 
+
+def _add_table1_command(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("table1", help="regenerate WB Table 1 (and Table 2) with every run it needs")
     _add_plan(t, "table1", "")
     t.add_argument("--imbalance", nargs="+", default=["100"], help="imbalance factors (default: 100)")
@@ -177,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2's: corrected (default) | official (WB's epoch-stepped schedule, MaxNorm "
                         "once per epoch, BN in train mode; writes table1-official.md); stage 1 unchanged")
 
+
+def _add_sweep_command(sub: argparse._SubParsersAction) -> None:
     from .experiments.tuning import KINDS
 
     w = sub.add_parser("sweep", help="tune weight decay, tau or MaxNorm on validation (WB Figure 4)")
@@ -204,12 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     # argparse takes "-1e-3" for an option (only "-1" / "-0.5" count as numbers); let it reach the
     # value check, which names the problem, instead of "unrecognized arguments".
     w._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
-
-    from .experiments import bench
-
-    b = sub.add_parser("bench", help="time ltr's training step against a plain DataLoader/PIL loop")
-    bench.add_arguments(b)
-    return parser
 
 
 def _data(args: argparse.Namespace) -> int:

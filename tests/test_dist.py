@@ -17,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ltr.data import DeviceLoader
 from ltr.engine import dist
+from ltr.engine.step import StepModule
 from ltr.losses import cross_entropy
-from ltr.methods import StepModule, add_aux_heads, aux_balanced_step, plain_step
+from ltr.methods import add_aux_heads, aux_balanced_step, plain_step
 
 
 def _free_port() -> int:
