@@ -102,8 +102,8 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
     bar (tqdm) advances by one per finished run. The first run that fails stops the others (their
     checkpoints are kept, so a rerun resumes them) and its error is raised here: an LtrError with the
     worker's message, anything else as a RuntimeError carrying the worker's traceback. Past the time
-    limit (engine.checkpoint.deadline) no run is handed out any more, the running ones stop at their next epoch
-    boundary with a checkpoint, and TimeLimitReached is raised once they all have.
+    limit (engine.checkpoint.deadline) no run is handed out any more, the running ones stop at their next
+    epoch boundary with a checkpoint, and TimeLimitReached is raised once they all have.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
