@@ -42,7 +42,7 @@ table1: install
 	else \
 	  echo "No CUDA GPU here: running Table 1 with the cpu preset (ResNet-8, 70 stage-1 epochs, all 13 rows;"; \
 	  echo "not WB's recipe) for seed 0 into exp/table1-cpu. On the reference 2-core CPU a seed took 26-28"; \
-	  echo "minutes (exp/reference/cpu/README.md). The paper preset needs a GPU: scripts/gpu_reference.sh."; \
+	  echo "minutes (exp/reference/cpu/wall_times.txt, 2026-11-24). The paper preset needs a GPU: scripts/gpu_reference.sh."; \
 	  $(PY) -m ltr table1 --root $(ROOT) --download --preset cpu --seeds 0; \
 	fi
 

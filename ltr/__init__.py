@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .data import DataError, LtrError, load_cifar_lt  # noqa: E402
+from .data import load_cifar_lt  # noqa: E402
+from .errors import DataError, LtrError  # noqa: E402
 from .experiments.sweep import run_sweep  # noqa: E402
 from .experiments.tuning import sweep_grid  # noqa: E402
 from .train import (  # noqa: E402

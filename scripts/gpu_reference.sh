@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU reference run (README: "A reference run on a GPU"):
+# One command for a GPU reference run (docs/gpu.md):
 #   bash scripts/gpu_reference.sh --out DIR [--preset paper] [--seeds 0 ...] [--budget SECONDS]
 #        [--root data] [--work exp/gpu-reference] [--reserve 45] [any other ltr table1 flags]
 # With the python3 on the PATH and no install or network: unpack the data pack once and check it,

@@ -13,8 +13,9 @@ import torch
 from conftest import stop_stage1_after
 
 from ltr.config import Stage1Config, preset_config, run_name
-from ltr.data import LtrError, load_cifar_lt
+from ltr.data import load_cifar_lt
 from ltr.engine.rundir import RunLock
+from ltr.errors import LtrError
 from ltr.train import lr_factor, train_stage1
 
 TINY = dict(dataset="cifar10", imbalance=10, model="resnet8", epochs=2, batch_size=64, lr=0.05,
@@ -258,3 +259,30 @@ def test_time_limit_stops_at_an_epoch_boundary_and_resumes(small_root: Path, tmp
     m = train_stage1(cfg, out, root=small_root, device="cpu", progress=False)
     assert m["epochs"] == 2
     assert (out / "history.csv").read_text().count("\n") == 3  # header + epochs 1 and 2, none twice
+
+
+def test_ctrl_c_says_one_line_and_the_same_command_resumes(small_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C in epoch 2: exit code 130, one line naming the epoch, no traceback; the rerun finishes."""
+    import ltr.train as train
+    from ltr.cli import main
+
+    real_means, calls = train.EpochTotals.means, []
+
+    def interrupted_in_epoch_2(self: train.EpochTotals) -> tuple[float, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_means(self)
+
+    monkeypatch.setattr(train.EpochTotals, "means", interrupted_in_epoch_2)
+    out = tmp_path / "ctrl-c"
+    argv = ["stage1", "--root", str(small_root), "--device", "cpu", "--quiet", "--out", str(out),
+            "--preset", "smoke", "--dataset", "cifar10", "--imbalance", "10", "--model", "resnet8",
+            "--epochs", "2"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "ltr stage1: interrupted at epoch 2; run the same command to resume"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1
+    assert main(argv) == 0 and (out / "metrics.json").exists()
