@@ -121,8 +121,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     #   images of each class) of 5e-4, 1e-3 and 3e-3 with seed 0; no weight decay scored higher, and the
     #   validation optimum over WB's grid is 0 (exp/reference/cpu/sweep-stage1-wd). 3e-3 was the first
     #   guess: it keeps the paper's total shrinkage (the sum of lr_t * wd over the cosine steps, 0.85) at
-    #   lr 0.05, but at this size every step of weight decay cost accuracy (validation All 30.8 / 30.0 / 26.7 for
-    #   5e-4 / 1e-3 / 3e-3, and 31.9 for no weight decay): see exp/reference/cpu/README.md;
+    #   lr 0.05, but at this size every step of weight decay cost accuracy (validation All 30.8 / 30.0 /
+    #   26.7 for 5e-4 / 1e-3 / 3e-3, and 31.9 for no weight decay): see exp/reference/cpu/README.md;
     # - test accuracy every 5 stage-1 epochs (every stage-2 epoch, as the paper preset), to save time.
     "cpu": {
         "stage1": {"model": "resnet8", "epochs": 70, "batch_size": 64, "lr": 0.05, "wd": 5e-4,
