@@ -22,13 +22,13 @@ from .engine.cifar_files import (  # noqa: F401 - the file facts, re-exported wh
 )
 from .errors import DataError, LtrError
 
-# Normalisation of the official code, used for both datasets (SPEC 1.4).
+# Normalisation of the official code, used for both datasets (docs/recipe.md §1.4).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
-# Group boundaries by training count (SPEC 1.2): many > 100, medium 20..100, few < 20.
+# Group boundaries by training count (docs/recipe.md §1.2): many > 100, medium 20..100, few < 20.
 MANY_ABOVE = 100
 FEW_BELOW = 20
-# Validation = the first VAL_PER_CLASS test images of each class (SPEC 1.3).
+# Validation = the first VAL_PER_CLASS test images of each class (docs/recipe.md §1.3).
 VAL_PER_CLASS = 20
 
 
@@ -142,7 +142,7 @@ def load_cifar_lt(
     imbalance: float = 100,
     download: bool = False,
 ) -> LTData:
-    """Build CIFAR100-LT / CIFAR10-LT from the files under root (SPEC 1.2 and 1.3)."""
+    """Build CIFAR100-LT / CIFAR10-LT from the files under root (docs/recipe.md §1.2 and §1.3)."""
     info = dataset_info(dataset)
     imbalance = check_imbalance(imbalance)
     root = Path(root)

@@ -1,10 +1,14 @@
-"""What the teaching notebooks share: the data (real, else labelled synthetic), the preset, committed
-reference runs, and tau-norm explored on cached test features (a slider, or a static sweep)."""
+"""What the teaching notebooks share: the data (real, else labelled synthetic), the preset's changes, and
+tau-norm explored on cached test features (a slider over TauNorm).
+
+The committed reference runs' readers (ltr.experiments.reference) and the tau-norm / rescaling figures
+(ltr.plots) are re-exported here, so that a notebook calls everything it needs as notebook_tools.X.
+"""
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -14,21 +18,36 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from . import plots
-from .config import preset_config
-from .data import dataset_info, load_cifar_lt, read_class_names, resolve_device
+from .config import preset_config, run_name, stage2_name
+from .data import class_groups, dataset_info, load_cifar_lt, read_class_names, resolve_device
 from .engine.cifar_files import download
 from .engine.rundir import read_json
-from .errors import DataError
+from .errors import DataError, LtrError
+from .experiments.reference import (  # noqa: F401 - re-exported: the notebooks call notebook_tools.X
+    PAPER_REFERENCE_GLOB,
+    logit_rescaling,
+    paper_reference,
+    paper_reference_said,
+    reference_change,
+    reference_runs,
+    reference_table,
+    reference_timing,
+    show_feature_analysis,
+    show_paper_reference,
+    show_reference,
+    show_reference_features,
+    show_sweep,
+)
+from .experiments.report import PAPER_TABLE1  # noqa: F401 - re-exported: WB's Table 1, for the notebooks
+from .features import test_features, view_features
 from .metrics import group_accuracy, per_class_accuracy
+from .plots import plot_fit_and_test, plot_logit_rescaling, plot_tau_norm, plot_tau_sweep  # noqa: F401
 from .regularizers import tau_normalize
+from .runs import GROUP_TITLES, GROUPS, load_run
 from .synthetic import write_fake_cifar
-from .train import load_stage1, stage1_data_root, test_features
+from .train import load_stage1, stage1_data_root, stage2_from, train_stage1, train_stage2
 
 SYNTHETIC_NOTE = (
     "NOTE: these are SYNTHETIC images written by ltr.synthetic (one colour per class plus noise), "
@@ -64,8 +83,12 @@ def _fetch(root: Path, dataset: str) -> str | None:
     return None
 
 
-def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100") -> tuple[Path, bool]:
-    """(data root, synthetic?): the real dataset in every preset, downloaded if missing; synthetic offline."""
+def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100",
+                 verbose: bool = True) -> tuple[Path, bool]:
+    """(data root, synthetic?): the real dataset in every preset, downloaded if missing; synthetic offline.
+
+    verbose=False leaves out the line naming the real data (downloads and synthetic images are always said).
+    """
     del preset  # every preset teaches on the real data; kept so that notebooks read the same
     root = Path(root)
     folder = dataset_info(dataset).folder
@@ -82,12 +105,155 @@ def prepare_data(root: str | os.PathLike, preset: str, dataset: str = "cifar100"
     synthetic = is_synthetic(root, dataset)
     if synthetic:
         print(SYNTHETIC_NOTE)
-    else:
+    elif verbose:
         print(f"using {dataset} from {root}: the real images (the official files)")
     return root, synthetic
 
 
-# ---------------------------------------------------------------- presets and reference runs
+# ---------------------------------------------------------------- the session: one setup call
+
+RUNS_MODES = ("reference", "train")
+REFERENCE_PRESET = "cpu"  # the preset of the committed notebook runs
+NOTEBOOK_RUNS = Path("exp") / "reference" / "cpu" / "notebooks"  # committed runs, relative to the repo
+
+
+def is_committed(run_dir: str | os.PathLike) -> bool:
+    """True for a run directory inside a committed reference (exp/reference/...): never write into it."""
+    parts = Path(run_dir).resolve().parts
+    return any(a == "exp" and b == "reference" for a, b in zip(parts, parts[1:], strict=False))
+
+
+def find_repo(start: str | os.PathLike | None = None) -> Path:
+    """The repository root: the checkout that holds the imported ltr package (with its exp/ and data/)."""
+    here = Path(__file__).resolve().parents[1]
+    if (here / "pyproject.toml").is_file():
+        return here
+    start = Path.cwd() if start is None else Path(start)
+    for p in (start, *start.parents):
+        if (p / "ltr" / "__init__.py").is_file():
+            return p
+    return here  # an installed ltr without a checkout: reference runs and data/ are then absent
+
+
+@dataclass
+class Session:
+    """What one notebook works with, made by setup(): where runs live and how they are made."""
+
+    repo: Path  # repository root (holds ltr/, data/, exp/)
+    runs: str  # "reference": read the committed runs, train nothing; "train": train (or reuse) runs
+    preset: str  # the recipe's scale: "paper" (WB, GPU), "cpu" (2-core laptop), "smoke" (checks only)
+    precision: str  # arithmetic of training: auto | bf16 | fp16 | fp32
+    data_root: Path  # folder holding cifar-100-python/ (root/synthetic when the images are synthetic)
+    synthetic: bool  # True when data_root holds ltr.synthetic images, not CIFAR-100
+    exp: Path  # runs folder: stage1/<run name>/ and stage2/<stage-1 run name>/<stage-2 name>/
+    reference: Path  # exp/reference/cpu: the committed cpu-preset Table 1 (three seeds), sweeps, figures
+    source: str  # who made the numbers, for titles, e.g. "cpu preset, committed runs"
+    note: str  # suffix for figure titles: "" when comparable to WB, else "  [source: not comparable to WB]"
+    comparable: bool  # True only for the paper preset on the real data: numbers comparable with WB's
+
+    @property
+    def training(self) -> bool:
+        """True in train mode."""
+        return self.runs == "train"
+
+    def _missing(self, what: str, path: Path) -> LtrError:
+        return LtrError(
+            f"{what} is not among the committed reference runs ({path} has no metrics.json). "
+            "Reference mode only reads committed runs; to train it, run the notebook with the "
+            "environment variable LTR_RUNS=train (or setup(runs='train')).")
+
+    def stage1(self, cfg: object) -> Path:
+        """The stage-1 run directory of cfg: trained (or reused) in train mode, the committed one in
+        reference mode (an error naming LTR_RUNS=train when it is not committed)."""
+        out = self.exp / "stage1" / run_name(cfg)
+        if self.training:
+            train_stage1(cfg, out, root=self.data_root, precision=self.precision)
+        elif not (out / "metrics.json").is_file():
+            raise self._missing(f"stage-1 run {out.name}", out)
+        return out
+
+    def stage2_config(self, stage1_run: str | os.PathLike, **recipe: object) -> object:
+        """The stage-2 config of this preset on top of a stage-1 run (ltr.stage2_from)."""
+        return stage2_from(stage1_run, self.preset, **recipe)
+
+    def stage2(self, stage1_run: str | os.PathLike, **recipe: object) -> Path:
+        """The stage-2 run directory of a recipe on a stage-1 run: trained (or reused) in train mode, the
+        committed one in reference mode. recipe: stage2_from's fields (loss="cb", posthoc="tau-norm", ...)."""
+        cfg = self.stage2_config(stage1_run, **recipe)
+        out = self.exp / "stage2" / Path(stage1_run).name / stage2_name(cfg)
+        if self.training:
+            train_stage2(cfg, out, root=self.data_root, precision=self.precision)
+        elif not (out / "metrics.json").is_file():
+            raise self._missing(f"stage-2 run {Path(stage1_run).name}/{out.name}", out)
+        return out
+
+    def tau_norm(self, stage1_run: str | os.PathLike) -> TauNorm:
+        """TauNorm of a stage-1 run on this session's data; a committed run's features stay in memory."""
+        return TauNorm.from_run(stage1_run, root=self.data_root,
+                                cache=self.training and not is_committed(stage1_run))
+
+
+def _choose(arg: str | None, env: str, default: str, allowed: Sequence[str] | None = None) -> str:
+    value = arg if arg is not None else (os.environ.get(env) or default)
+    if allowed is not None and value not in allowed:
+        raise LtrError(f"{env} (or the argument) must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def setup(preset: str | None = None, runs: str | None = None) -> Session:
+    """Everything a notebook needs before section 1, in one call that prints one summary line.
+
+    runs: argument, else the environment variable LTR_RUNS, else "reference" without a CUDA GPU and
+    "train" with one. preset: argument, else LTR_PRESET, else "paper" with a CUDA GPU, "cpu" without
+    (reference mode always reads the cpu preset's committed runs). Also read: LTR_PRECISION (auto),
+    LTR_DATA_ROOT (repo/data), in train mode LTR_EXP (repo/exp), and in reference mode
+    LTR_REFERENCE_RUNS (repo/exp/reference/cpu/notebooks: another folder of finished runs, same layout).
+    """
+    cuda = torch.cuda.is_available()
+    runs = _choose(runs, "LTR_RUNS", "train" if cuda else "reference", RUNS_MODES)
+    reference_mode = runs == "reference"
+    preset = _choose(preset, "LTR_PRESET", REFERENCE_PRESET if reference_mode or not cuda else "paper")
+    if reference_mode and preset != REFERENCE_PRESET:
+        raise LtrError(f"the committed runs are of the {REFERENCE_PRESET!r} preset, not {preset!r}: "
+                       f"set LTR_RUNS=train to train the {preset!r} preset")
+    repo = find_repo()
+    precision = os.environ.get("LTR_PRECISION", "auto")
+    data_root, synthetic = prepare_data(os.environ.get("LTR_DATA_ROOT") or repo / "data", preset,
+                                        verbose=False)
+    if reference_mode:
+        exp = Path(os.environ.get("LTR_REFERENCE_RUNS") or repo / NOTEBOOK_RUNS)
+        if synthetic:
+            print("Reference mode reads runs trained on the real CIFAR-100; the cells that recompute "
+                  "features or accuracies here use the synthetic images and mean nothing.")
+    else:
+        exp = Path(os.environ.get("LTR_EXP") or repo / "exp")
+        if synthetic:
+            exp = exp / "synthetic"  # runs on synthetic images never mix with runs on CIFAR-100
+    comparable = preset == "paper" and not synthetic
+    source = f"{preset} preset" + (", committed runs" if reference_mode else "") + (
+        " on SYNTHETIC images" if synthetic else "")
+    session = Session(repo=repo, runs=runs, preset=preset, precision=precision, data_root=Path(data_root),
+                      synthetic=synthetic, exp=exp, reference=repo / "exp" / "reference" / "cpu",
+                      source=source, note="" if comparable else f"  [{source}: not comparable to WB]",
+                      comparable=comparable)
+    from . import __version__
+
+    how = ("reading the committed runs, training nothing (LTR_RUNS=train trains)" if reference_mode
+           else "training (or reusing) runs")
+    data = "SYNTHETIC images" if synthetic else "CIFAR-100"
+    print(f"ltr {__version__} · runs={runs}: {how} · preset {preset!r} · precision {precision} · "
+          f"{data} from {_short(Path(data_root), repo)} · runs in {_short(exp, repo)}")
+    return session
+
+
+def _short(path: Path, repo: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(repo.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- presets
 
 
 def preset_changes(preset: str) -> pd.DataFrame:
@@ -101,181 +267,6 @@ def preset_changes(preset: str) -> pd.DataFrame:
             if value != paper[key]:
                 rows.append({"stage": stage, "field": key, "paper": paper[key], preset: value})
     return pd.DataFrame(rows, columns=["stage", "field", "paper", preset]).set_index(["stage", "field"])
-
-
-def _missing(ref: Path, what: str) -> None:
-    print(f"No committed reference run in {ref} yet (no {what}): nothing to compare with. "
-          "A reference is what `python -m ltr table1` writes, kept under exp/reference/.")
-
-
-def reference_runs(ref: str | os.PathLike, seed: int | None = None) -> dict[str, Path]:
-    """Table 1 row -> finished run directory of a committed reference, for one seed (default its first)."""
-    ref = Path(ref)
-    if not (ref / "runs.json").is_file():
-        return {}
-    info = read_json(ref / "runs.json")
-    seed = info["seeds"][0] if seed is None else seed
-    imbalance = info["imbalances"][0]
-    out = {}
-    for run in info["runs"]:
-        if run["seed"] != seed or run["imbalance"] != imbalance:
-            continue
-        # runs.json records where the runs were made; the reference keeps their layout from stage1/
-        # or stage2/ down, so the same tail of the path finds them here.
-        parts = Path(run["dir"]).parts
-        start = max(i for i, p in enumerate(parts) if p in ("stage1", "stage2"))
-        run_dir = ref.joinpath(*parts[start:])
-        if (run_dir / "metrics.json").is_file():
-            out[run["row"]] = run_dir
-    return out
-
-
-def reference_table(ref: str | os.PathLike, rows: Sequence[str] | None = None,
-                    tta: str = "flip") -> pd.DataFrame | None:
-    """Many/Medium/Few/All of a committed reference's table1.csv beside WB's, or None (said) when absent."""
-    ref = Path(ref)
-    path = ref / "table1.csv"
-    if not path.is_file():
-        _missing(ref, "table1.csv")
-        return None
-    df = pd.read_csv(path)
-    df = df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
-    if rows is not None:
-        df = df.loc[[r for r in rows if r in df.index]]
-    info = read_json(ref / "runs.json") if (ref / "runs.json").is_file() else {}
-    print(f"read from {path} (preset {info.get('preset', '?')!r}, seeds {info.get('seeds', '?')}, "
-          f"{'flip-averaged' if tta == 'flip' else 'plain'}, last epoch); WB = the paper's Table 1")
-    table = pd.DataFrame(index=df.index)
-    for who, suffix in (("ref", "mean"), ("WB", "paper")):
-        for g in ("many", "medium", "few", "all"):
-            table[f"{who} {plots.GROUP_TITLES[g]}"] = df[f"{g}_{suffix}"].round(2)
-    return table
-
-
-def reference_change(ref: str | os.PathLike, before: str, after: str, tta: str = "flip") -> str | None:
-    """One line: how each group moves from row `before` to row `after`, in a reference and in WB's table."""
-    ref = Path(ref)
-    if not (ref / "table1.csv").is_file():
-        _missing(ref, "table1.csv")
-        return None
-    df = pd.read_csv(ref / "table1.csv")
-    df = df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
-    if before not in df.index or after not in df.index or pd.isna(df.loc[after, "all_mean"]):
-        print(f"{ref / 'table1.csv'} has no finished rows {before!r} and {after!r}")
-        return None
-
-    def moves(suffix: str) -> str:
-        parts = []
-        for g in ("many", "medium", "few", "all"):
-            a, b = df.loc[before, f"{g}_{suffix}"], df.loc[after, f"{g}_{suffix}"]
-            parts.append(f"{plots.GROUP_TITLES[g]} {'n/a' if pd.isna(a) or pd.isna(b) else f'{b - a:+.1f}'}")
-        return ", ".join(parts)
-
-    line = (f"{ref / 'table1.csv'}: from {before!r} to {after!r} (points, {tta}): reference run "
-            f"{moves('mean')};  WB's Table 1 {moves('paper')}")
-    print(line)
-    return line
-
-
-def show_reference(ref: str | os.PathLike, rows: Sequence[str],
-                   changes: Sequence[tuple[str, str]] = ()) -> None:
-    """Display a reference's rows (reference_table) and print how each (before, after) pair moves."""
-    table = reference_table(ref, rows)
-    if table is None:
-        return
-    from IPython.display import display
-
-    display(table)
-    for before, after in changes:
-        reference_change(ref, before, after)
-
-
-def show_sweep(sweep_dir: str | os.PathLike, what: str = "this sweep") -> dict | None:
-    """Display a sweep's (sweep) choice, held-out lines and figure; its sweep.json, or None (said)."""
-    sdir = Path(sweep_dir)
-    if not (sdir / "sweep.json").is_file():
-        print(f"No sweep in {sdir} (no sweep.json): `python -m ltr sweep ...` writes one.")
-        return None
-    from IPython.display import Image, Markdown, display
-
-    info = read_json(sdir / "sweep.json")
-    md = (sdir / "sweep.md").read_text()
-    # The summary lines (chosen, WB's value, the gap) without the per-value table below them.
-    summary = [line for line in md.splitlines() if line.startswith(("- ", "**", "# "))]
-    display(Markdown(f"**{what}** (`{sdir}`)\n\n" + "\n".join(
-        line.replace("# Sweep:", "Sweep:") for line in summary)))
-    if (sdir / "sweep.png").is_file():
-        display(Image(filename=str(sdir / "sweep.png")))
-    return info
-
-
-def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> dict[int, float] | None:
-    """Training minutes a reference spent on these rows' runs, per seed (from their metrics.json), printed."""
-    ref = Path(ref)
-    if not reference_runs(ref):
-        _missing(ref, "runs.json with finished run directories")
-        return None
-    info = read_json(ref / "runs.json")
-    if info.get("preset") != preset:
-        print(f"{ref} was made with the {info.get('preset')!r} preset: "
-              f"it measured no time for preset {preset!r}")
-        return None
-    minutes: dict[int, float] = {}
-    runtime: dict = {}
-    for seed in info["seeds"]:
-        runs = reference_runs(ref, seed)
-        done = [runs[r] for r in rows if r in runs]
-        if not done:
-            continue
-        seconds = [float(read_json(d / "metrics.json").get("train_seconds") or 0.0) for d in done]
-        minutes[seed] = sum(seconds) / 60
-        runtime = read_json(done[0] / "config.json").get("runtime", {})
-    per_seed = ", ".join(f"seed {s}: {m:.1f} min" for s, m in minutes.items())
-    print(f"training time of these {len(rows)} runs in {ref} ({per_seed}; device {runtime.get('device')}, "
-          f"torch {runtime.get('torch')}). How each seed was run, and on which machine: {ref / 'README.md'}")
-    return minutes
-
-
-PAPER_REFERENCE_GLOB = "*-paper"  # exp/reference/<gpu>-paper/: a GPU run of the paper preset
-
-
-def paper_reference(repo: str | os.PathLike) -> Path | None:
-    """The committed paper-preset reference (exp/reference/<gpu>-paper/ holding a table1.csv), or None."""
-    found = sorted(d for d in (Path(repo) / "exp" / "reference").glob(PAPER_REFERENCE_GLOB)
-                   if (d / "table1.csv").is_file())
-    return found[-1] if found else None
-
-
-def show_paper_reference(repo: str | os.PathLike, rows: Sequence[str],
-                         figure: str = "weight_norms") -> Figure | None:
-    """The paper-scale reference's rows beside WB's and one figure drawn from its run directories.
-
-    figure: weight_norms (per-class classifier norms) or group_accuracy (flip). Without a committed
-    paper-preset reference it says so in one line and returns None.
-    """
-    ref = paper_reference(repo)
-    if ref is None:
-        print("No paper-scale (GPU) reference is committed yet (exp/reference/<gpu>-paper/): "
-              "scripts/gpu_reference.sh makes one.")
-        return None
-    table = reference_table(ref, rows)
-    runs = reference_runs(ref)
-    done = {r: runs[r] for r in rows if r in runs}
-    if table is None or not done:
-        return None
-    from IPython.display import display
-
-    display(table)
-    env = read_json(ref / "environment.json") if (ref / "environment.json").is_file() else {}
-    where = f" ({env['gpu']})" if env.get("gpu") else ""
-    if figure == "weight_norms":
-        fig = plots.plot_weight_norms(list(done.values()), labels=list(done))
-    elif figure == "group_accuracy":
-        fig = plots.plot_group_accuracy(list(done.values()), labels=list(done), tta="flip")
-    else:
-        raise ValueError(f"figure must be weight_norms or group_accuracy, got {figure!r}")
-    fig.suptitle(f"paper-scale reference {ref.name}{where}, preset paper")
-    return fig
 
 
 # ---------------------------------------------------------------- tau-norm on cached features
@@ -294,13 +285,20 @@ class TauNorm:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, root: str | os.PathLike | None = None,
-                 device: str | torch.device = "auto") -> TauNorm:
-        """From a finished stage-1 run; its test features are computed once and cached in the run dir."""
+                 device: str | torch.device = "auto", cache: bool | None = None) -> TauNorm:
+        """From a finished stage-1 run; its test features are computed once and cached in the run dir.
+
+        cache=False computes them in memory and writes nothing; None (default) caches except in a
+        committed run (under exp/reference/), which stays as committed.
+        """
+        if cache is None:
+            cache = not is_committed(run_dir)
         dev = resolve_device(device)
         model, cfg = load_stage1(run_dir, device=dev)
         data = load_cifar_lt(root if root is not None else stage1_data_root(run_dir), cfg.dataset,
                              cfg.imbalance)
-        feats = test_features(run_dir, model, torch.as_tensor(data.test_x, device=dev))
+        test_x = torch.as_tensor(data.test_x, device=dev)
+        feats = test_features(run_dir, model, test_x) if cache else view_features(model, test_x)
         return cls(
             weight=model.fc.weight.detach().float(),
             bias=model.fc.bias.detach().float(),
@@ -332,77 +330,6 @@ class TauNorm:
         return {float(t): self(t, tta, split) for t in taus}
 
 
-def _log_axis(ax: Axes, ylim: tuple[float, float] | None = None) -> None:
-    """A log y axis labelled with plain numbers (norms span about one decade)."""
-    ax.set_yscale("log")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def plot_tau_norm(result: Mapping, counts: Sequence[int], base: Mapping | None = None,
-                  title: str | None = None, ylim: tuple[float, float] | None = None) -> Figure:
-    """One tau: per-class norms of the rescaled classifier and Many/Medium/Few/All, beside base (tau 0)."""
-    fig = plots._figure((10.5, 3.6))
-    ax, bars = fig.subplots(1, 2, width_ratios=[1.7, 1.0])
-    plots._class_bands(ax, counts)
-    if base is not None:
-        ax.plot(base["norms"], color="0.6", lw=1.2, label=f"tau = {base['tau']:g} (stage 1)")
-    ax.plot(result["norms"], color="tab:purple", lw=1.6, label=f"tau = {result['tau']:.2f}")
-    _log_axis(ax, ylim)
-    ax.set_xlabel("class (head on the left, tail on the right)")
-    ax.set_ylabel("||w_c|| after tau-norm (log)")
-    ax.legend(fontsize=8, loc="lower left")
-    keys = ("many", "medium", "few", "all")
-    x = np.arange(len(keys))
-    now = [result["accuracy"].get(k) for k in keys]
-    drawn = bars.bar(x, [v if v is not None else 0.0 for v in now], 0.6, color="tab:purple",
-                     label=f"tau = {result['tau']:.2f}")
-    bars.bar_label(drawn, labels=["n/a" if v is None else f"{v:.1f}" for v in now], fontsize=8)
-    if base is not None:
-        ref = [base["accuracy"].get(k) for k in keys]
-        bars.scatter([i for i, v in zip(x, ref, strict=True) if v is not None],
-                     [v for v in ref if v is not None], marker="_", s=400, color="0.3",
-                     label=f"tau = {base['tau']:g}")
-    bars.set_xticks(x, [plots.GROUP_TITLES[k] for k in keys])
-    bars.set_ylim(0, 100)
-    bars.set_ylabel("test accuracy, %")
-    bars.legend(fontsize=8, loc="upper right")
-    return plots._finish(fig, title, None)
-
-
-def plot_tau_sweep(results: Mapping[float, Mapping], marks: Sequence[float] = (0.0, 1.0, 1.9, 3.0),
-                   title: str | None = None) -> Figure:
-    """Many/Medium/Few/All against tau, and the per-class norms at a few marked taus (the static view)."""
-    taus = sorted(results)
-    fig = plots._figure((10.5, 3.6))
-    acc, norms = fig.subplots(1, 2)
-    for g in ("many", "medium", "few", "all"):
-        ys = [results[t]["accuracy"].get(g) for t in taus]
-        if all(y is None for y in ys):
-            continue
-        acc.plot(taus, [math.nan if y is None else y for y in ys], lw=2,
-                 color=plots.GROUP_COLOURS.get(g, "black"), ls="-" if g != "all" else "--",
-                 label=plots.GROUP_TITLES[g])
-    for t in marks:
-        acc.axvline(t, color="0.8", lw=0.8, zorder=0)
-    acc.set_xlabel("tau (0 = stage-1 classifier, 1 = L2-norm)")
-    acc.set_ylabel("test accuracy, %")
-    acc.legend(fontsize=8)
-    acc.set_title("accuracy by group as tau grows", fontsize=9)
-    shades = colormaps["viridis"](np.linspace(0.0, 0.85, len(marks)))  # not the group colours on the left
-    for t, shade in zip(marks, shades, strict=True):
-        near = min(taus, key=lambda s, t=t: abs(s - t))
-        norms.plot(results[near]["norms"], lw=1.2, color=shade, label=f"tau = {near:g}")
-    _log_axis(norms)
-    norms.set_xlabel("class (head on the left, tail on the right)")
-    norms.set_ylabel("||w_c|| after tau-norm (log)")
-    norms.legend(fontsize=8)
-    norms.set_title("per-class norms at a few tau", fontsize=9)
-    return plots._finish(fig, title, None)
-
-
 def tau_slider(tau_norm: TauNorm, value: float = 1.9, tta: str = "flip", title: str | None = None) -> object:
     """An ipywidgets slider (tau 0 to 3) that redraws plot_tau_norm; None, said, without ipywidgets."""
     try:
@@ -424,116 +351,287 @@ def tau_slider(tau_norm: TauNorm, value: float = 1.9, tta: str = "flip", title: 
     return widgets.VBox([slider, widgets.interactive_output(draw, {"tau": slider})])
 
 
-# ---------------------------------------------------------------- why weight decay helps (Hasegawa & Sato)
+# ---------------------------------------------------------------- what a notebook trains, and its time
+
+OFFICIAL_LOGS = {"WD=0": "stage1-wd0.csv", "WD=5e-3": "stage1-wd5e-3.csv"}  # exp/official/: WB's own logs
 
 
-def show_feature_analysis(runs: Mapping[str, str | os.PathLike], what: str) -> pd.DataFrame | None:
-    """Display plots.plot_feature_analysis and plots.feature_table of {label: run}, or say why not."""
-    done = {label: Path(d) for label, d in runs.items() if (Path(d) / "metrics.json").is_file()}
-    if not done:
-        print(f"{what}: no finished run to analyse")
-        return None
-    if not plots.has_feature_analysis(done):
-        print(f"{what}: these runs do not record the Fisher ratio or the cone effect (made before ltr "
-              "measured them); rerun them to see the figure")
-        return None
-    from IPython.display import display
+def committed_run(session: Session, name: str) -> Path | None:
+    """A committed finished stage-1 run of this name: the notebooks' runs first, then the cpu reference's."""
+    for folder in (session.repo / NOTEBOOK_RUNS / "stage1", session.reference / "stage1"):
+        if (folder / name / "metrics.json").is_file():
+            return folder / name
+    return None
 
-    display(plots.plot_feature_analysis(done, title=what))
-    table = plots.feature_table(done)
-    display(table)
+
+def _minutes(run: Path) -> float | None:
+    """Training minutes a finished run recorded (metrics.json train_seconds, else history.csv seconds)."""
+    seconds = read_json(run / "metrics.json").get("train_seconds")
+    if seconds is None and (run / "history.csv").is_file():
+        seconds = float(pd.read_csv(run / "history.csv")["seconds"].sum())
+    return None if seconds is None else float(seconds) / 60
+
+
+def machine_note(run: Path) -> str:
+    """Where a committed run was measured: the 'Machine' line of the README of the folder holding its
+    stage1/ (or stage2/) tree, and whether that README or its wall_times.txt says the machine was loaded."""
+    folder = run.parent.parent if run.parent.name == "stage1" else run.parent.parent.parent
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return f"the machine is not recorded ({folder} has no README.md)"
+    text = readme.read_text(encoding="utf-8")
+    line = next((ln.strip("-* ").strip() for ln in text.splitlines() if "machine" in ln.lower()), "")
+    walls = folder / "wall_times.txt"
+    head = walls.read_text(encoding="utf-8").splitlines()[0] if walls.is_file() else ""
+    said = (head + "\n" + text).lower()
+    loaded = re.search(r"\bloaded\b", said) is not None and "not loaded" not in said
+    where = f"{line[:160]} ({readme})" if line else str(readme)
+    return where + ("; the machine was loaded, so a quiet one is faster" if loaded else "")
+
+
+def training_plan(session: Session, configs: Mapping[str, object]) -> pd.DataFrame:
+    """What the next cells train (train mode) or read (reference mode), with the minutes each committed
+    run of the same name took to train; printed, and returned as a table."""
+    rows = []
+    for label, cfg in configs.items():
+        name = run_name(cfg)
+        done = (session.exp / "stage1" / name / "metrics.json").is_file()
+        ref = committed_run(session, name)
+        rows.append({"model": label, "run": name, "finished here": done,
+                     "committed run took (min)": round(_minutes(ref), 1) if ref else None})
+    table = pd.DataFrame(rows).set_index("model")
+    if session.training:
+        todo = table[~table["finished here"]]
+        print(f"Train mode: the next cells train {len(todo)} stage-1 model(s) under {session.exp / 'stage1'} "
+              "(a finished run is reused, not retrained).")
+    else:
+        print(f"Reference mode: nothing is trained; the runs are read from {session.exp / 'stage1'}.")
+    timed = [committed_run(session, run_name(c)) for c in configs.values()]
+    timed = [r for r in timed if r is not None]
+    if timed:
+        print(f"Training time of the committed runs of the same recipe, measured on: "
+              f"{machine_note(timed[0])}")
     return table
 
 
-def paper_reference_said(repo: str | os.PathLike) -> Path | None:
-    """paper_reference(repo), saying in one line when none is committed."""
-    ref = paper_reference(repo)
-    if ref is None:
-        print("No paper-scale reference is committed yet (exp/reference/<gpu>-paper/): the figure needs a "
-              "`paper` preset Table 1 run on a GPU (scripts/gpu_reference.sh).")
-    return ref
+# ---------------------------------------------------------------- WB's own logs beside our runs
 
 
-def show_reference_features(ref: str | os.PathLike | None, rows: Sequence[str],
-                            what: str) -> pd.DataFrame | None:
-    """show_feature_analysis on a committed reference's runs of these Table 1 rows (first seed)."""
-    if ref is None:
-        return None
-    runs = reference_runs(ref)
-    if not runs:
-        _missing(Path(ref), "runs.json with finished run directories")
-        return None
-    return show_feature_analysis({r: runs[r] for r in rows if r in runs}, f"{what} ({ref})")
+def official_logs(repo: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """WB's per-epoch stage-1 logs (exp/official/*.csv; ResNet-34, 320 epochs): {label: DataFrame}."""
+    folder = Path(repo) / "exp" / "official"
+    return {label: pd.read_csv(folder / name) for label, name in OFFICIAL_LOGS.items()
+            if (folder / name).is_file()}
 
 
-def _fc_state(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the classifier that predicts, LWS's per-class scale folded in, float64."""
-    w, b = state["fc.weight"].double(), state["fc.bias"].double()
-    if "fc.scale" in state:
-        s = state["fc.scale"].double()
-        w, b = w * s[:, None], b * s
-    return w, b
+def official_crossover(logs: Mapping[str, pd.DataFrame], train_acc: float | None = None) -> dict:
+    """Where WB's weight-decay run overtakes the naive one in their logs, read from the logs.
 
-
-def logit_rescaling(stage1_run: str | os.PathLike, stage2_run: str | os.PathLike) -> pd.DataFrame:
-    """Stage 2 read as a per-class rescaling of the logits: one row per class, before and after.
-
-    Columns: training images, the classifier row norm before (stage 1) and after (stage 2), their ratio
-    `scale`, the cosine between the two rows (1 = same direction, the row was only rescaled), and the bias
-    before and after. attrs["tau_fit"]: the tau for which scale is closest to prior_c ** -tau (least
-    squares of log scale on log prior, up to a common factor): the multiplicative logit adjustment that
-    this stage 2 resembles. Needs the checkpoints (a committed reference keeps none).
+    ahead_from: the first epoch after which weight decay's test accuracy stays above the naive one's;
+    with train_acc, at_fit: the first epoch at which the weight-decay run reached that training accuracy.
     """
-    paths = [Path(stage1_run) / "ckpt.pt", Path(stage2_run) / "ckpt.pt"]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p} is missing: the rescaling reads the classifier from the checkpoints")
-    (w0, b0), (w1, b1) = (_fc_state(torch.load(p, map_location="cpu", weights_only=True)["model"])
-                          for p in paths)
-    counts = np.asarray(read_json(Path(stage1_run) / "metrics.json")["counts"], dtype=float)
-    n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
-    df = pd.DataFrame({
-        "images": counts.astype(int), "norm_before": n0.numpy(), "norm_after": n1.numpy(),
-        "scale": (n1 / n0.clamp_min(1e-12)).numpy(), "cosine": F.cosine_similarity(w0, w1, dim=1).numpy(),
-        "bias_before": b0.numpy(), "bias_after": b1.numpy(),
-    })
-    df.index.name = "class"
-    log_prior = np.log(counts / counts.sum())
-    slope = np.polyfit(log_prior, np.log(df["scale"].clip(lower=1e-12)), 1)[0]
-    df.attrs["tau_fit"] = float(-slope)
-    return df
+    m = logs["WD=0"].merge(logs["WD=5e-3"], on="epoch", suffixes=("_naive", "_wd"))
+    behind = m[m["test_acc_wd"] <= m["test_acc_naive"]]
+    ahead_from = int(behind["epoch"].max()) + 1 if len(behind) else int(m["epoch"].min())
+    cols = ["epoch", "train_acc_naive", "train_acc_wd", "test_acc_naive", "test_acc_wd"]
+    out = {"epochs": int(m["epoch"].max()), "last": m[cols].iloc[-1].to_dict(),
+           "ahead_from": m[m["epoch"] == ahead_from][cols].iloc[0].to_dict()}
+    if train_acc is not None:
+        reached = m[m["train_acc_wd"] >= train_acc]
+        if len(reached):
+            out["at_fit"] = reached[cols].iloc[0].to_dict()
+    return out
 
 
-def plot_logit_rescaling(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """logit_rescaling as figures: norms before / after, the per-class scale (with prior^-tau_fit), biases."""
-    counts = df["images"].tolist()
-    classes = np.arange(len(df))
-    fig = plots._figure((13.0, 3.6))
-    axes = fig.subplots(1, 3)
-    for ax in axes:
-        plots._class_bands(ax, counts)
-        ax.set_xlabel("class (head on the left, tail on the right)")
-    norms, scale, bias = axes
-    norms.plot(classes, df["norm_before"], color="0.5", lw=1.4, label="before (stage 1)")
-    norms.plot(classes, df["norm_after"], color="tab:purple", lw=1.4, label="after (stage 2)")
-    norms.set_ylabel("||w_c||")
-    norms.set_ylim(bottom=0)
-    norms.legend(fontsize=8, loc="lower left")
-    norms.set_title("classifier row norms", fontsize=9)
-    tau = df.attrs.get("tau_fit", 0.0)
-    prior = np.asarray(counts, dtype=float) / sum(counts)
-    fit = prior ** -tau
-    fit *= np.exp(np.mean(np.log(df["scale"].clip(lower=1e-12))) - np.mean(np.log(fit)))
-    scale.plot(classes, df["scale"], color="tab:purple", lw=1.4, label="||w_c after|| / ||w_c before||")
-    scale.plot(classes, fit, color="0.3", ls="--", lw=1.2, label=f"prior_c^-tau, tau = {tau:.2f} (fit)")
-    _log_axis(scale)
-    scale.set_ylabel("per-class logit scale (log)")
-    scale.legend(fontsize=8, loc="lower right")
-    scale.set_title(f"rescaling; rows keep direction: cosine min {df['cosine'].min():.3f}", fontsize=9)
-    bias.plot(classes, df["bias_before"], color="0.5", lw=1.4, label="before")
-    bias.plot(classes, df["bias_after"], color="tab:purple", lw=1.4, label="after")
-    bias.axhline(0, color="0.3", lw=0.8)
-    bias.set_ylabel("b_c")
-    bias.legend(fontsize=8, loc="lower left")
-    bias.set_title("classifier bias", fontsize=9)
-    return plots._finish(fig, title, None)
+def fit_and_test(session: Session, runs: Mapping[str, str | os.PathLike]) -> Figure | None:
+    """WB's two official stage-1 runs beside ours: training and test accuracy per epoch."""
+    logs = official_logs(session.repo)
+    if len(logs) < len(OFFICIAL_LOGS):
+        print(f"WB's logs are not in {session.repo / 'exp' / 'official'}: nothing to draw")
+        return None
+    ours = {label: load_run(run)["history"] for label, run in runs.items()}
+    first = next(iter(runs.values()))
+    model, epochs = load_run(first)["config"].get("model"), int(max(h["epoch"].max() for h in ours.values()))
+    return plot_fit_and_test({
+        f"WB's official logs (ResNet-34, {int(logs['WD=0']['epoch'].max())} epochs)": logs,
+        f"our runs ({model}, {epochs} epochs, {session.source})": ours,
+    }, title="training (dashed) and test (solid) accuracy over the schedule" + session.note)
+
+
+# ---------------------------------------------------------------- "At this scale": WB's claims, from files
+
+
+def _table(path: Path, tta: str = "flip") -> pd.DataFrame:
+    df = pd.read_csv(path)
+    return df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
+
+
+SCALE_ROWS = ("WD=0 (w/ CE)", "WD tuned (w/ CE)", "+ CB", "+ CB (weighted CE)", "+ CB & WD & Max")
+
+
+def scale_table(reference: str | os.PathLike, rows: Sequence[str] = SCALE_ROWS) -> pd.DataFrame:
+    """Rows of the cpu reference (table1.csv, flip, mean over its seeds) and of its validation-tuned table
+    (table1-tuned.csv, seed 0) beside WB's Table 1 (PAPER_TABLE1), Many / Medium / Few / All."""
+    ref = Path(reference)
+    ours = _table(ref / "table1.csv")
+    tuned = _table(ref / "table1-tuned.csv") if (ref / "table1-tuned.csv").is_file() else None
+    out = pd.DataFrame(index=pd.Index(list(rows), name="row"))
+    for g in (*GROUPS, "all"):
+        out[f"cpu {GROUP_TITLES[g]}"] = [ours.loc[r, f"{g}_mean"] if r in ours.index else np.nan
+                                         for r in rows]
+    if tuned is not None:
+        for g in ("few", "all"):
+            # the tuned table trained its CB rows with the weighted CE: "+ CB (weighted CE)" is its "+ CB"
+            out[f"cpu tuned {GROUP_TITLES[g]}"] = [
+                tuned.loc[r.replace(" (weighted CE)", ""), f"{g}_mean"]
+                if r != "+ CB" and r.replace(" (weighted CE)", "") in tuned.index else np.nan for r in rows]
+    for i, g in enumerate((*GROUPS, "all")):
+        out[f"WB {GROUP_TITLES[g]}"] = [PAPER_TABLE1.get(r.replace(" (weighted CE)", ""), (np.nan,) * 4)[i]
+                                        for r in rows]
+    return out.round(2)
+
+
+def group_norms(run: str | os.PathLike) -> dict[str, float]:
+    """Mean classifier-row norm of each group of a finished run, and "many/few", their ratio."""
+    m = read_json(Path(run) / "metrics.json")
+    norms = np.asarray(m["weight_norms"], dtype=float)
+    out = {g: float(norms[idx].mean()) for g, idx in class_groups(m["counts"]).items() if idx}
+    out["many/few"] = out["many"] / out["few"]
+    return out
+
+
+def norm_table(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
+    """{label: run} -> the mean row norm of each group and the Many / Few ratio, one row a run."""
+    return pd.DataFrame({label: group_norms(run) for label, run in runs.items()}).T.round(3)
+
+
+def at_this_scale(session: Session, naive: str | os.PathLike, wd: str | os.PathLike) -> pd.DataFrame:
+    """Which of WB's stage-1 claims show at this scale, which do not, and why, every number from a file.
+
+    Displays scale_table and prints one line a claim: WB's change (PAPER_TABLE1), ours (table1.csv,
+    mean over seeds), and the evidence (training accuracy from the runs' history.csv, the crossover in
+    WB's logs, the norm ratio from the runs' metrics.json).
+    """
+    from IPython.display import display
+
+    ref = session.reference
+    table = scale_table(ref)
+    seeds = read_json(ref / "runs.json").get("seeds", "?") if (ref / "runs.json").is_file() else "?"
+    print(f"cpu: {ref / 'table1.csv'} (flip, last epoch, mean over seeds {seeds}); cpu tuned: "
+          f"{ref / 'table1-tuned.csv'} (values chosen on validation, seed 0, CB rows with weighted CE); "
+          "WB: the paper's Table 1")
+    display(table)
+    n, w = "WD=0 (w/ CE)", "WD tuned (w/ CE)"
+
+    def gain(col: str, a: str = n, b: str = w) -> float:
+        return float(table.loc[b, col] - table.loc[a, col])
+
+    whose = "the two runs above"
+    if session.preset != REFERENCE_PRESET or session.synthetic:
+        names = [run_name(preset_config("stage1", REFERENCE_PRESET, wd=v))
+                 for v in (0.0, preset_config("stage1", REFERENCE_PRESET).wd)]
+        found = [committed_run(session, nm) for nm in names]
+        if None in found:
+            print(f"no committed {REFERENCE_PRESET}-preset runs {names}: the claims need them")
+            return table
+        naive, wd = found
+        whose = f"the committed {REFERENCE_PRESET} runs"
+        print(f"(this session's runs are not at the {REFERENCE_PRESET} scale: training accuracy and norms "
+              f"below are read from the committed runs {naive.parent})")
+    a, b = group_norms(naive), group_norms(wd)
+    shorter = all(b[g] < a[g] for g in GROUPS if g in a)
+    fit = {label: float(load_run(run)["history"]["train_acc"].iloc[-1]) for label, run in
+           (("naive", naive), ("wd", wd))}
+    logs = official_logs(session.repo)
+    complete = len(logs) == len(OFFICIAL_LOGS)
+    cross = official_crossover(logs, train_acc=max(fit.values())) if complete else None
+    lines = [
+        f"1. Weight decay beats the naive model on All. WB: {gain('WB All'):+.2f}. Here: "
+        f"{gain('cpu All'):+.2f}. " + ("Shows." if gain("cpu All") > 0 else "Does not show."),
+        f"2. Weight decay helps Few. WB: {gain('WB Few'):+.2f} (small even in the paper). Here: "
+        f"{gain('cpu Few'):+.2f}. " + ("Shows." if gain("cpu Few") > 0 else "Does not show."),
+        f"3. Weight decay balances the norms. In {whose} the mean row norm "
+        + ("falls in every group " if shorter else "does not fall in every group ")
+        + f"(Many {a['many']:.2f} to {b['many']:.2f}, Few {a['few']:.2f} to {b['few']:.2f}), "
+        "but the Many/Few "
+        f"ratio goes from {a['many/few']:.2f} to {b['many/few']:.2f}: "
+        + ("more balanced." if b["many/few"] < a["many/few"] else "shorter, not more balanced."),
+        f"4. A class-balanced stage 2 helps. WB's '+ CB': {gain('WB All', w, '+ CB'):+.2f} All. Here with "
+        f"WB's loss {gain('cpu All', w, '+ CB'):+.2f}, with a weighted cross-entropy "
+        f"{gain('cpu All', w, '+ CB (weighted CE)'):+.2f} "
+        f"(Few {gain('cpu Few', w, '+ CB (weighted CE)'):+.2f}): "
+        f"the best row at this scale, {table.loc['+ CB (weighted CE)', 'cpu All']:.2f} All (notebook 2).",
+    ]
+    tuned_path = ref / "table1-tuned.csv"
+    if tuned_path.is_file():
+        tuned, ours = _table(tuned_path), _table(ref / "table1.csv")
+        best, tbest = ours["all_mean"].idxmax(), tuned["all_mean"].idxmax()
+        wbest = max(PAPER_TABLE1, key=lambda r: PAPER_TABLE1[r][3])
+        lines.append(
+            f"5. Best rows. With WB's values (table1.csv): {best!r}, All {ours.loc[best, 'all_mean']:.2f}. "
+            f"With every value chosen on validation ({tuned_path.name}, seed 0): {tbest!r}, All "
+            f"{tuned.loc[tbest, 'all_mean']:.2f}. WB: {wbest!r}, All {PAPER_TABLE1[wbest][3]:.2f}.")
+    why = (f"Why: {whose} end at {fit['naive']:.1f}% (naive) and {fit['wd']:.1f}% (weight decay) training "
+           "accuracy (history.csv, last epoch).")
+    if cross is not None:
+        a, f = cross["ahead_from"], cross.get("at_fit")
+        if f is not None:
+            why += (f" In WB's logs the weight-decay run reached that training accuracy at epoch "
+                    f"{int(f['epoch'])} of {cross['epochs']}, where it was behind on test accuracy "
+                    f"({f['test_acc_wd']:.2f} vs {f['test_acc_naive']:.2f}).")
+        why += (f" It stays ahead only from epoch {int(a['epoch'])} on (training accuracy "
+                f"{a['train_acc_wd']:.2f}) and ends at {cross['last']['test_acc_wd']:.2f} against "
+                f"{cross['last']['test_acc_naive']:.2f}: weight decay pays once the model fits its training "
+                "set, which ours never does.")
+    for line in [*lines, why]:
+        print(line)
+    return table
+
+
+# ---------------------------------------------------------------- the weight-decay sweep, by mode
+
+
+def stage1_wd_sweep(session: Session) -> dict | None:
+    """Section 8 of notebook 1: train mode trains the preset's grid (saying up front what and how long)
+    and shows it; both modes then show the committed sweep of the cpu preset."""
+    from .experiments.sweep import run_sweep
+    from .experiments.tuning import sweep_grid
+
+    committed = session.reference / "sweep-stage1-wd"
+    if session.training:
+        grid = sweep_grid("stage1-wd", session.preset)
+        print("weight decays of this preset's grid:", grid)
+        names = [run_name(preset_config("stage1", session.preset, wd=v)) for v in grid]
+        todo = [nm for nm in names if not (session.exp / "stage1" / nm / "metrics.json").is_file()]
+        took = [m for m in (_minutes(r) for r in (committed_run(session, nm) for nm in todo) if r) if m]
+        print(f"It trains {len(todo)} model(s) not finished yet" + (
+            f"; the committed runs of the same recipes took {sum(took):.0f} min in all "
+            f"({machine_note(committed_run(session, todo[0]))})" if took and len(took) == len(todo) else "."))
+        info = run_sweep("stage1-wd", root=session.data_root, out=session.exp, preset=session.preset,
+                         precision=session.precision)
+        show_sweep(info["sweep.json"].parent, "your sweep" + session.note)
+    else:
+        print("Reference mode: the sweep is not trained; the committed one is shown "
+              "(LTR_RUNS=train trains it).")
+    return show_sweep(committed, "committed sweep, cpu preset")
+
+
+# ---------------------------------------------------------------- Try it: what each exercise costs
+
+
+def try_it_costs(session: Session, items: Mapping[str, Sequence[float]], preset: str = REFERENCE_PRESET
+                 ) -> pd.DataFrame:
+    """{exercise: stage-1 weight decays it trains} -> minutes the committed runs of the preset's recipe with
+    those weight decays took to train (0 for nothing to train), cheapest first, with the machine named."""
+    rows, timed = [], None
+    for item, wds in items.items():
+        runs = [committed_run(session, run_name(preset_config("stage1", preset, wd=v))) for v in wds]
+        timed = timed or next((r for r in runs if r is not None), None)
+        minutes = [_minutes(r) for r in runs if r is not None]
+        rows.append({"exercise": item, "models to train": len(wds),
+                     "measured minutes": round(sum(m or 0.0 for m in minutes), 1) if len(minutes) == len(wds)
+                     else np.nan})
+    table = pd.DataFrame(rows).set_index("exercise").sort_values(["models to train", "measured minutes"])
+    if timed is not None:
+        print(f"minutes to train the committed {preset}-preset runs, measured on: {machine_note(timed)}")
+    return table

@@ -1,6 +1,7 @@
 """Figures from run directories: count profile, weight norms, marginal likelihood, accuracy (WB Fig. 2/3/6).
 
-Every function reads finished run directories (never a live trainer) and returns a matplotlib Figure;
+Every function draws finished run directories (read by ltr.runs, never a live trainer) or numbers computed
+from them (tau-norm on cached features, stage 2 as a logit rescaling) and returns a matplotlib Figure;
 ``save=path`` also writes it as a PNG. Figures are built without pyplot, so nothing pops up on a desktop,
 nothing leaks in a loop, and no display is needed; notebooks still show a returned figure inline.
 """
@@ -12,33 +13,38 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator, ScalarFormatter
 
-from .config import PRESETS
-from .data import LtrError, class_groups, long_tail_counts
+from .data import class_groups, long_tail_counts
 from .engine.rundir import read_json, write_atomic
+from .errors import LtrError
+from .runs import (  # noqa: F401 - feature_table, results_table, table1_row re-exported: called as plots.X
+    CONE_KEYS,
+    GROUP_TITLES,
+    GROUPS,
+    RunLike,
+    Runs,
+    check_tta,
+    ensure_loaded,
+    fdr_history,
+    feature_table,
+    final_features,
+    has_feature_analysis,
+    labelled_runs,
+    load_run,
+    results_table,
+    run_label,
+    table1_row,
+)
 
-GROUPS = ("many", "medium", "few")
-GROUP_TITLES = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All"}
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 GROUP_RULES = {"many": "> 100 images", "medium": "20..100 images", "few": "< 20 images"}
-
-# The fixed hyperparameters of WB's Table 1 rows: a run maps to a row only when it uses them.
-# (The paper's numbers themselves live in ltr.experiments.tables.PAPER_TABLE1, once.)
-WB_STAGE1_WD = 5e-3
-WB_STAGE2_WD = 0.1
-WB_MAXNORM = 0.1
-WB_TAU = 1.9
-
-RunLike = str | os.PathLike | dict
-Runs = RunLike | Sequence[RunLike] | Mapping[str, RunLike]
 
 
 class LtrFigure(Figure):
@@ -67,200 +73,6 @@ def _finish(fig: Figure, title: str | None, save: str | os.PathLike | None) -> F
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, figure_png(fig))
     return fig
-
-
-# ---------------------------------------------------------------- reading runs
-
-
-def load_run(run_dir: str | os.PathLike) -> dict:
-    """A finished run directory as a dict: config, metrics and the per-epoch history (or None)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise LtrError(f"{run_dir} is not a run directory (no config.json)")
-    if not (run_dir / "metrics.json").is_file():
-        raise LtrError(
-            f"the run in {run_dir} is not finished (no metrics.json); rerun its command to resume it"
-        )
-    info = read_json(run_dir / "config.json")
-    history = None
-    if (run_dir / "history.csv").is_file():
-        history = pd.read_csv(run_dir / "history.csv")
-        if history.empty:
-            history = None
-    return {
-        "run_dir": run_dir,
-        "name": run_dir.name,
-        "stage": info.get("stage"),
-        "config": info.get("config", {}),
-        "stage1": info.get("stage1"),
-        "runtime": info.get("runtime", {}),
-        "metrics": read_json(run_dir / "metrics.json"),
-        "history": history,
-    }
-
-
-def _load(run: RunLike) -> dict:
-    if isinstance(run, dict) and "run_dir" in run and "metrics" in run:
-        return run
-    if isinstance(run, dict):
-        raise LtrError("a run must be a run directory or what load_run() returned")
-    return load_run(run)
-
-
-def _load_many(runs: Runs, labels: Sequence[str] | None = None) -> list[tuple[str, dict]]:
-    """Normalise one run, a list of runs, or a {label: run} mapping to [(label, loaded run)]."""
-    if isinstance(runs, Mapping) and not ("run_dir" in runs and "metrics" in runs):
-        keys, items = list(runs.keys()), list(runs.values())
-        labels = list(labels) if labels is not None else [str(k) for k in keys]
-    elif isinstance(runs, str | os.PathLike | dict):
-        items = [runs]
-    else:
-        items = list(runs)
-    if not items:
-        raise LtrError("no runs to plot")
-    loaded = [_load(r) for r in items]
-    if labels is None:
-        labels = [run_label(r) for r in loaded]
-        if len(set(labels)) < len(labels):  # same recipe twice: tell them apart by directory name
-            labels = [f"{lab} [{r['name']}]" for lab, r in zip(labels, loaded, strict=True)]
-    labels = list(labels)
-    if len(labels) != len(loaded):
-        raise LtrError(f"{len(labels)} labels for {len(loaded)} runs")
-    return list(zip(labels, loaded, strict=True))
-
-
-def _stage1_config(run: dict) -> dict:
-    return run["config"] if run["stage"] == "stage1" else (run.get("stage1") or {})
-
-
-def run_label(run: RunLike) -> str:
-    """A short name of a run in the paper's words, e.g. 'WD=5e-3' or '+ CB & WD & MaxNorm'."""
-    run = _load(run)
-    cfg = run["config"]
-    s1 = _stage1_config(run)
-    base = "WD=0 (naive)" if not s1.get("wd") else f"WD={s1['wd']:g}"
-    if s1.get("method", "ce") == "aux-balanced":
-        # SPEC 6 (our reading of Zhang et al.): balanced main head + instance auxiliary head.
-        base = f"aux-balanced{' + rotation' if s1.get('ssl') else ''}, {base}"
-    elif s1.get("method", "ce") == "etf-fr":
-        # Hasegawa & Sato's stage 1: fixed simplex-ETF classifier and feature regularisation.
-        base = f"fixed ETF + feature reg., {base}"
-    if run["stage"] == "stage1":
-        return base
-    prefix = "WD=0 " if not s1.get("wd") else ""
-    if s1.get("method", "ce") != "ce":
-        prefix = f"[{base}] "
-    if cfg.get("posthoc") == "logit-adjust":
-        return f"{prefix}+ logit adjustment (tau={cfg.get('la_tau', 1.0):g})"
-    if cfg.get("posthoc") == "mla":
-        return f"{prefix}+ multiplicative logit adjustment (tau={cfg.get('tau', WB_TAU):g})"
-    if cfg.get("posthoc") == "tau-norm":
-        return f"{prefix}+ tau-norm (tau={cfg.get('tau', WB_TAU):g})"
-    if cfg.get("posthoc") == "l2norm":
-        return f"{prefix}+ L2-norm"
-    parts = [str(cfg.get("loss", "ce")).upper()]
-    if parts == ["CB"] and cfg.get("cb_variant") == "standard":
-        parts = ["CB (weighted CE)"]  # ours; plain "CB" is WB's loss
-    if cfg.get("sampling", "instance") != "instance":
-        parts = ["cRT"] if cfg.get("reinit") and parts == ["CE"] else parts + ["balanced sampling"]
-    if cfg.get("lws"):
-        parts.append("LWS")
-    if cfg.get("wd"):
-        parts.append("WD")
-    if cfg.get("maxnorm") is not None:
-        parts.append("MaxNorm")
-    if cfg.get("unit_norm"):
-        parts.append("L2norm")
-    if cfg.get("trainable", "fc") != "fc":
-        prefix += "last two layers "
-    return f"{prefix}+ {' & '.join(parts)}"
-
-
-def _tuned_wd(s1: dict) -> bool:
-    """WB's tuned weight decay, or a preset's own tuned value on that preset's backbone and schedule."""
-    wd = float(s1.get("wd", 0.0))
-    if math.isclose(wd, WB_STAGE1_WD):
-        return True
-    # The cpu preset retunes weight decay for its shorter, faster schedule: its tuned model is WB's
-    # "WD tuned" row in that recipe, and only there (the same wd on another recipe is just a sweep point).
-    for preset in PRESETS.values():
-        fields = {k: v for k, v in preset["stage1"].items() if k != "eval_every"}
-        if "wd" in fields and math.isclose(wd, fields["wd"]) and all(
-                s1.get(k) == v for k, v in fields.items() if k != "wd"):
-            return True
-    return False
-
-
-def table1_row(run: RunLike) -> str | None:
-    """The name of WB's Table 1 row whose recipe this run follows (CIFAR100-LT IF100), or None."""
-    run = _load(run)
-    cfg = run["config"]
-    s1 = _stage1_config(run)
-    if s1.get("dataset", "cifar100") != "cifar100" or float(s1.get("imbalance", 100)) != 100:
-        return None
-    if s1.get("method", "ce") != "ce":
-        return None
-    naive, tuned = float(s1.get("wd", 0.0)) == 0, _tuned_wd(s1)
-    if run["stage"] == "stage1":
-        return "WD=0 (w/ CE)" if naive else "WD tuned (w/ CE)" if tuned else None
-    if cfg.get("posthoc") == "tau-norm":
-        if not math.isclose(float(cfg.get("tau", WB_TAU)), WB_TAU):
-            return None
-        return "WD=0 + tau-norm" if naive else "+ tau-norm" if tuned else None
-    if not tuned or cfg.get("sampling", "instance") != "instance":
-        return None
-    if (cfg.get("lws") or cfg.get("reinit") or cfg.get("loss", "ce") not in ("ce", "cb")
-            or cfg.get("posthoc") in ("logit-adjust", "mla")):
-        return None  # the comparison baselines are not rows of WB's Table 1
-    if cfg.get("loss") == "cb" and cfg.get("cb_variant") == "standard":
-        return None  # our weighted cross-entropy, not the class-balanced loss behind WB's rows
-    if cfg.get("posthoc") == "l2norm":
-        return "+ L2norm"
-    wd = float(cfg.get("wd", 0.0))
-    if wd and not math.isclose(wd, WB_STAGE2_WD):
-        return None
-    mx = cfg.get("maxnorm")
-    if mx is not None and not math.isclose(float(mx), WB_MAXNORM):
-        return None
-    loss = str(cfg.get("loss", "ce")).upper()
-    parts = [loss] + (["WD"] if wd else []) + (["Max"] if mx is not None else [])
-    parts += ["L2norm"] if cfg.get("unit_norm") else []
-    row = "+ " + " & ".join(parts)
-    if cfg.get("trainable", "fc") != "fc":
-        row = "last two layers " + row
-    return row
-
-
-def _check_tta(tta: str) -> str:
-    if tta not in ("plain", "flip"):
-        raise LtrError(f"tta must be 'plain' or 'flip', got {tta!r}")
-    return tta
-
-
-def results_table(
-    runs: Runs,
-    labels: Sequence[str] | None = None,
-    tta: str = "flip",
-    paper: Mapping[str, Sequence[float]] | None = None,
-) -> pd.DataFrame:
-    """Many/Medium/Few/All per run ('n/a' = empty group), beside the paper's row of the same recipe."""
-    # paper maps Table 1 row names to (Many, Medium, Few, All), e.g. tables.PAPER_TABLE1; the "WB"
-    # columns are filled only for a run whose recipe is that row's (table1_row), else "-".
-    _check_tta(tta)
-    rows = []
-    for label, run in _load_many(runs, labels):
-        m = run["metrics"][tta]
-        row: dict[str, Any] = {"run": label, "epochs": run["metrics"].get("epochs")}
-        for g in (*GROUPS, "all"):
-            row[GROUP_TITLES[g]] = "n/a" if m.get(g) is None else round(float(m[g]), 2)
-        if paper is not None:
-            key = table1_row(run)
-            wb = paper.get(key) if key else None
-            row["WB row"] = key if wb else "-"
-            for i, g in enumerate((*GROUPS, "all")):
-                row[f"WB {GROUP_TITLES[g]}"] = wb[i] if wb else "-"
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("run")
 
 
 # ---------------------------------------------------------------- decoration
@@ -340,7 +152,7 @@ def plot_weight_norms(
     save: str | os.PathLike | None = None,
 ) -> Figure:
     """Per-class norms of the classifier weights of one or several runs (WB Fig. 3 and Fig. 6)."""
-    loaded = _load_many(runs, labels)
+    loaded = labelled_runs(runs, labels)
     fig = _figure((10.5, 3.8))
     ax = fig.add_subplot()
     _distinct_colours(ax, len(loaded))
@@ -364,7 +176,7 @@ def plot_marginal_likelihood(
     save: str | os.PathLike | None = None,
 ) -> Figure:
     """Mean softmax probability of each class over the balanced test set (WB Fig. 6); flat = unbiased."""
-    loaded = _load_many(runs, labels)
+    loaded = labelled_runs(runs, labels)
     fig = _figure((10.5, 3.8))
     ax = fig.add_subplot()
     counts = loaded[0][1]["metrics"]["counts"]
@@ -406,7 +218,7 @@ def plot_norm_evolution(
     save: str | os.PathLike | None = None,
 ) -> Figure:
     """Classifier weight norms over the epochs (WB Fig. 2): group means and an epoch x class map."""
-    run = _load(run)
+    run = ensure_loaded(run)
     if run["history"] is None:
         raise LtrError(
             f"{run['run_dir']} has no history.csv: a post-hoc run trains nothing, so its norms do not "
@@ -450,9 +262,9 @@ def plot_per_class_accuracy(
     save: str | os.PathLike | None = None,
 ) -> Figure:
     """Test accuracy of every class with the Many/Medium/Few bands and each group's mean."""
-    run = _load(run)
+    run = ensure_loaded(run)
     m = run["metrics"]
-    acc = np.asarray(m["per_class_acc" if _check_tta(tta) == "plain" else "per_class_acc_flip"], float)
+    acc = np.asarray(m["per_class_acc" if check_tta(tta) == "plain" else "per_class_acc_flip"], float)
     counts = m["counts"]
     fig = _figure((9.0, 3.8))
     ax = fig.add_subplot()
@@ -481,8 +293,8 @@ def plot_group_accuracy(
     save: str | os.PathLike | None = None,
 ) -> Figure:
     """Grouped bars of Many/Medium/Few/All accuracy per run; an empty group is marked n/a."""
-    _check_tta(tta)
-    loaded = _load_many(runs, labels)
+    check_tta(tta)
+    loaded = labelled_runs(runs, labels)
     keys = (*GROUPS, "all")
     sizes = {g: len(v) for g, v in class_groups(loaded[0][1]["metrics"]["counts"]).items()}
     sizes["all"] = len(loaded[0][1]["metrics"]["counts"])
@@ -521,7 +333,7 @@ def plot_group_summary(
     One panel per group, methods as horizontal bars in the table's order, so a long method name stays
     readable; the number of seeds behind each bar is printed beside it.
     """
-    _check_tta(tta)
+    check_tta(tta)
     df = pd.read_csv(table) if not isinstance(table, pd.DataFrame) else table
     need = {"row", "tta", *(f"{g}_mean" for g in (*GROUPS, "all")), *(f"{g}_std" for g in (*GROUPS, "all"))}
     if not need <= set(df.columns):
@@ -614,51 +426,8 @@ def plot_sweep(
 
 # ---------------------------------------------------------------- feature analysis (Hasegawa & Sato)
 
-CONE_KEYS = ("all", "same", "different")
 CONE_TITLES = {"all": "all pairs", "same": "same class", "different": "different classes"}
 SYNTHETIC_TAG = " [SYNTHETIC data: describes the code, not the paper]"
-
-
-def _features_of(run: dict) -> dict:
-    """metrics.json's `features` of a stage-1 run ({split: {fdr, cone}}), {} when it has none."""
-    feats = run["metrics"].get("features") or {}
-    return {split: v for split, v in feats.items() if isinstance(v, dict) and "fdr" in v}
-
-
-def _fdr_history(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(epochs, test FDR) of the evaluated epochs in history.csv, or None when it records none."""
-    hist = run["history"]
-    if hist is None or "test_fdr" not in hist.columns:
-        return None
-    fdr = pd.to_numeric(hist["test_fdr"], errors="coerce")
-    keep = fdr.notna().to_numpy()
-    if not keep.any():
-        return None
-    return hist["epoch"].to_numpy(dtype=float)[keep], fdr.to_numpy(dtype=float)[keep]
-
-
-def has_feature_analysis(runs: Runs, labels: Sequence[str] | None = None) -> bool:
-    """True when at least one of the runs records the feature analysis (history or metrics.json)."""
-    return any(_features_of(r) or _fdr_history(r) is not None for _, r in _load_many(runs, labels))
-
-
-def feature_table(runs: Runs, labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """Fisher discriminant ratio and cone effect at the end of each run, test and training features.
-
-    One row per run: `FDR test`, `FDR train`, and `cone {all, same, different} {test, train}` (mean cosine
-    similarity of two samples' features); empty where a run does not record it (made before ltr did).
-    """
-    rows = []
-    for label, run in _load_many(runs, labels):
-        feats = _features_of(run)
-        row: dict[str, Any] = {"run": label}
-        for split in ("test", "train"):
-            f = feats.get(split, {})
-            row[f"FDR {split}"] = f.get("fdr")
-            for k in CONE_KEYS:
-                row[f"cone {k} {split}"] = (f.get("cone") or {}).get(k)
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("run").astype(float).round(4)
 
 
 def plot_feature_analysis(
@@ -677,7 +446,7 @@ def plot_feature_analysis(
     class points the same way. Meant for stage-1 runs, e.g. naive vs weight decay. A run recorded before
     ltr measured these is drawn as "not recorded"; if no run records anything, LtrError says so.
     """
-    loaded = _load_many(runs, labels)
+    loaded = labelled_runs(runs, labels)
     if not has_feature_analysis([r for _, r in loaded]):
         raise LtrError("none of these runs records the feature analysis (history.csv `test_fdr`, "
                        "metrics.json `features`): they were made before ltr measured it; rerun them")
@@ -688,8 +457,8 @@ def plot_feature_analysis(
     width = 0.8 / n
     for j, (label, run) in enumerate(loaded):
         colour = colours[j]
-        hist = _fdr_history(run)
-        feats = _features_of(run)
+        hist = fdr_history(run)
+        feats = final_features(run)
         if hist is not None:
             ax_t.plot(*hist, "-o", ms=3, lw=1.5, color=colour, label=label)
         else:
@@ -729,6 +498,115 @@ def plot_feature_analysis(
     return _finish(fig, title, save)
 
 
+# ---------------------------------------------------------------- tau-norm and stage 2 as a rescaling
+
+
+def _plain_log_y_axis(ax: Axes, ylim: tuple[float, float] | None = None) -> None:
+    """A log y axis labelled with plain numbers (norms span about one decade)."""
+    ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_tau_norm(result: Mapping, counts: Sequence[int], base: Mapping | None = None,
+                  title: str | None = None, ylim: tuple[float, float] | None = None) -> Figure:
+    """One tau: per-class norms of the rescaled classifier and Many/Medium/Few/All, beside base (tau 0)."""
+    fig = _figure((10.5, 3.6))
+    ax, bars = fig.subplots(1, 2, width_ratios=[1.7, 1.0])
+    _class_bands(ax, counts)
+    if base is not None:
+        ax.plot(base["norms"], color="0.6", lw=1.2, label=f"tau = {base['tau']:g} (stage 1)")
+    ax.plot(result["norms"], color="tab:purple", lw=1.6, label=f"tau = {result['tau']:.2f}")
+    _plain_log_y_axis(ax, ylim)
+    ax.set_xlabel("class (head on the left, tail on the right)")
+    ax.set_ylabel("||w_c|| after tau-norm (log)")
+    ax.legend(fontsize=8, loc="lower left")
+    keys = ("many", "medium", "few", "all")
+    x = np.arange(len(keys))
+    now = [result["accuracy"].get(k) for k in keys]
+    drawn = bars.bar(x, [v if v is not None else 0.0 for v in now], 0.6, color="tab:purple",
+                     label=f"tau = {result['tau']:.2f}")
+    bars.bar_label(drawn, labels=["n/a" if v is None else f"{v:.1f}" for v in now], fontsize=8)
+    if base is not None:
+        ref = [base["accuracy"].get(k) for k in keys]
+        bars.scatter([i for i, v in zip(x, ref, strict=True) if v is not None],
+                     [v for v in ref if v is not None], marker="_", s=400, color="0.3",
+                     label=f"tau = {base['tau']:g}")
+    bars.set_xticks(x, [GROUP_TITLES[k] for k in keys])
+    bars.set_ylim(0, 100)
+    bars.set_ylabel("test accuracy, %")
+    bars.legend(fontsize=8, loc="upper right")
+    return _finish(fig, title, None)
+
+
+def plot_tau_sweep(results: Mapping[float, Mapping], marks: Sequence[float] = (0.0, 1.0, 1.9, 3.0),
+                   title: str | None = None) -> Figure:
+    """Many/Medium/Few/All against tau, and the per-class norms at a few marked taus (the static view)."""
+    taus = sorted(results)
+    fig = _figure((10.5, 3.6))
+    acc, norms = fig.subplots(1, 2)
+    for g in ("many", "medium", "few", "all"):
+        ys = [results[t]["accuracy"].get(g) for t in taus]
+        if all(y is None for y in ys):
+            continue
+        acc.plot(taus, [math.nan if y is None else y for y in ys], lw=2,
+                 color=GROUP_COLOURS.get(g, "black"), ls="-" if g != "all" else "--",
+                 label=GROUP_TITLES[g])
+    for t in marks:
+        acc.axvline(t, color="0.8", lw=0.8, zorder=0)
+    acc.set_xlabel("tau (0 = stage-1 classifier, 1 = L2-norm)")
+    acc.set_ylabel("test accuracy, %")
+    acc.legend(fontsize=8)
+    acc.set_title("accuracy by group as tau grows", fontsize=9)
+    shades = colormaps["viridis"](np.linspace(0.0, 0.85, len(marks)))  # not the group colours on the left
+    for t, shade in zip(marks, shades, strict=True):
+        near = min(taus, key=lambda s, t=t: abs(s - t))
+        norms.plot(results[near]["norms"], lw=1.2, color=shade, label=f"tau = {near:g}")
+    _plain_log_y_axis(norms)
+    norms.set_xlabel("class (head on the left, tail on the right)")
+    norms.set_ylabel("||w_c|| after tau-norm (log)")
+    norms.legend(fontsize=8)
+    norms.set_title("per-class norms at a few tau", fontsize=9)
+    return _finish(fig, title, None)
+
+
+def plot_logit_rescaling(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """The table of logit_rescaling drawn: norms before / after, per-class scale (prior^-tau_fit), biases."""
+    counts = df["images"].tolist()
+    classes = np.arange(len(df))
+    fig = _figure((13.0, 3.6))
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        _class_bands(ax, counts)
+        ax.set_xlabel("class (head on the left, tail on the right)")
+    norms, scale, bias = axes
+    norms.plot(classes, df["norm_before"], color="0.5", lw=1.4, label="before (stage 1)")
+    norms.plot(classes, df["norm_after"], color="tab:purple", lw=1.4, label="after (stage 2)")
+    norms.set_ylabel("||w_c||")
+    norms.set_ylim(bottom=0)
+    norms.legend(fontsize=8, loc="lower left")
+    norms.set_title("classifier row norms", fontsize=9)
+    tau = df.attrs.get("tau_fit", 0.0)
+    prior = np.asarray(counts, dtype=float) / sum(counts)
+    fit = prior ** -tau
+    fit *= np.exp(np.mean(np.log(df["scale"].clip(lower=1e-12))) - np.mean(np.log(fit)))
+    scale.plot(classes, df["scale"], color="tab:purple", lw=1.4, label="||w_c after|| / ||w_c before||")
+    scale.plot(classes, fit, color="0.3", ls="--", lw=1.2, label=f"prior_c^-tau, tau = {tau:.2f} (fit)")
+    _plain_log_y_axis(scale)
+    scale.set_ylabel("per-class logit scale (log)")
+    scale.legend(fontsize=8, loc="lower right")
+    scale.set_title(f"rescaling; rows keep direction: cosine min {df['cosine'].min():.3f}", fontsize=9)
+    bias.plot(classes, df["bias_before"], color="0.5", lw=1.4, label="before")
+    bias.plot(classes, df["bias_after"], color="tab:purple", lw=1.4, label="after")
+    bias.axhline(0, color="0.3", lw=0.8)
+    bias.set_ylabel("b_c")
+    bias.legend(fontsize=8, loc="lower left")
+    bias.set_title("classifier bias", fontsize=9)
+    return _finish(fig, title, None)
+
+
 def run_figures(run_dir: str | os.PathLike) -> list[Path]:
     """Write the per-run PNG figures into a finished run directory; returns their paths."""
     run_dir = Path(run_dir)
@@ -753,3 +631,300 @@ def run_figures(run_dir: str | os.PathLike) -> list[Path]:
         make(run_dir / name)
         paths.append(run_dir / name)
     return paths
+
+
+# ---------------------------------------------------------------- readable norms; fit against test accuracy
+
+
+def _group_norms(norms: np.ndarray, counts: Sequence[int]) -> dict[str, np.ndarray]:
+    """{group: norms[..., classes of the group]} for the non-empty groups (last axis = classes)."""
+    return {g: norms[..., classes] for g, classes in class_groups(counts).items() if classes}
+
+
+def plot_norm_groups(
+    runs: Runs,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Per-class classifier norms summarised by group, one row per run: readable for any number of runs.
+
+    Each row shows the Many / Medium / Few mean norm (dots) and the group's smallest to largest norm
+    (bar), on a log axis so that stage-2 rows a thousand times shorter stay visible; the right margin
+    gives the Many / Few ratio of the means.
+    """
+    loaded = labelled_runs(runs, labels)
+    fig = _figure((9.5, 1.0 + 0.42 * len(loaded)))
+    ax = fig.add_subplot()
+    offsets = {"many": 0.18, "medium": 0.0, "few": -0.18}
+    ratio_x = []
+    for row, (_, run) in enumerate(loaded):
+        y = len(loaded) - 1 - row
+        norms = np.asarray(run["metrics"]["weight_norms"], dtype=float)
+        parts = _group_norms(norms, run["metrics"]["counts"])
+        for g, part in parts.items():
+            ax.plot([part.min(), part.max()], [y + offsets[g]] * 2, color=GROUP_COLOURS[g], lw=2.5,
+                    alpha=0.3)
+            ax.plot([part.mean()], [y + offsets[g]], "o", color=GROUP_COLOURS[g], ms=5,
+                    label=GROUP_TITLES[g] if row == 0 else None)
+        ratio_x.append((y, parts["many"].mean() / parts["few"].mean() if "many" in parts and "few" in parts
+                        else float("nan")))
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yticks(range(len(loaded)), [label for label, _ in reversed(loaded)], fontsize=8)
+    ax.set_ylim(-0.6, len(loaded) - 0.4)
+    for y, ratio in ratio_x:
+        ax.text(1.01, y, f"{ratio:.2f}" if math.isfinite(ratio) else "n/a", va="center", fontsize=8,
+                transform=ax.get_yaxis_transform())
+    ax.text(1.01, len(loaded) - 0.45, "Many/Few", transform=ax.get_yaxis_transform(), fontsize=8,
+            va="bottom")
+    ax.set_xlabel("||w_c||, log scale (dot: group mean; bar: smallest to largest)")
+    ax.grid(axis="x", alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False)
+    return _finish(fig, title, save)
+
+
+def plot_norm_ratio_evolution(
+    runs: Runs,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Several stage-1 runs over their epochs: the Many / Medium / Few mean norm (left, one line style a
+    run) and the Many / Few ratio of the means (right). Needs history.csv's wn_ columns."""
+    loaded = labelled_runs(runs, labels)
+    fig = _figure((10.5, 3.6))
+    left, right = fig.subplots(1, 2, width_ratios=[1.3, 1.0])
+    styles = ["-", "--", ":", "-."]
+    for i, (label, run) in enumerate(loaded):
+        if run["history"] is None:
+            raise LtrError(f"{run['run_dir']} has no history.csv: its norms do not evolve")
+        epochs, norms = _norm_history(run)
+        parts = _group_norms(norms, run["metrics"]["counts"])
+        ls = styles[i % len(styles)]
+        for g, part in parts.items():
+            left.plot(epochs, part.mean(1), ls=ls, lw=1.8, color=GROUP_COLOURS[g],
+                      label=f"{label}: {GROUP_TITLES[g]}")
+        if "many" in parts and "few" in parts:
+            right.plot(epochs, parts["many"].mean(1) / parts["few"].mean(1), ls=ls, lw=1.8, color="0.2",
+                       label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("mean ||w_c|| of the group")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=7, ncol=len(loaded))
+    left.set_title("group mean norms", fontsize=9)
+    right.set_xlabel("epoch")
+    right.set_ylabel("Many / Few (ratio of the means)")
+    right.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    right.legend(fontsize=8)
+    right.set_title("how much longer the head rows are", fontsize=9)
+    return _finish(fig, title, save)
+
+
+def plot_fit_and_test(
+    panels: Mapping[str, Mapping[str, pd.DataFrame]],
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Training and test accuracy per epoch, epochs as a fraction of each run's schedule.
+
+    panels: {panel title: {run label: history}}, a history having the columns epoch, train_acc and
+    test_acc (percent; test_acc may be empty on the epochs without an evaluation). Solid: test; dashed:
+    training. The i-th run of every panel has the same colour, so that WB's logs and our runs line up.
+    """
+    fig = _figure((5.0 * len(panels) + 0.5, 3.8))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
+    for ax, (panel, runs) in zip(axes, panels.items(), strict=True):
+        for i, (label, hist) in enumerate(runs.items()):
+            colour = palette[i % len(palette)]
+            x = hist["epoch"].to_numpy(dtype=float) / float(hist["epoch"].max())
+            ax.plot(x, hist["train_acc"], ls="--", lw=1.3, color=colour, label=f"{label}: training")
+            test = hist["test_acc"].notna().to_numpy()
+            ax.plot(x[test], hist["test_acc"].to_numpy(dtype=float)[test], lw=1.8, color=colour,
+                    marker="." if test.sum() < 40 else None, label=f"{label}: test")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("fraction of the schedule (epoch / last epoch)")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    return _finish(fig, title, save)
+
+
+# ---------------------------------------------------------------- stage 2: who gains, which epoch
+
+
+def _one_decimal(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _group_spans(ax: Axes, counts: Sequence[int]) -> None:
+    """Shade the Many/Medium/Few ranges of a class-size (images per class) x axis and name them."""
+    lo, hi = min(counts) * 0.85, max(counts) * 1.15
+    for g, classes in class_groups(counts).items():
+        if not classes:
+            continue
+        sizes = [counts[c] for c in classes]
+        left, right = max(lo, min(sizes) * 0.95), min(hi, max(sizes) * 1.05)
+        ax.axvspan(left, right, color=GROUP_COLOURS[g], alpha=0.08, lw=0)
+        ax.text(math.sqrt(left * right), 0.98, f"{GROUP_TITLES[g]} ({len(classes)})", ha="center", va="top",
+                transform=ax.get_xaxis_transform(), fontsize=8, color=GROUP_COLOURS[g])
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500) if lo <= t <= hi])
+
+
+def plot_accuracy_vs_class_size(
+    runs: Runs,
+    labels: Sequence[str] | None = None,
+    tta: str = "flip",
+    window: int = 9,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Per-class test accuracy against the class's training images (log), every run in one overlay.
+
+    Dots: the classes; line: the mean over `window` classes of neighbouring size. Put a stage-1 run beside
+    its stage-2 runs to see which class sizes a stage 2 lifts or drops.
+    """
+    key = "per_class_acc" if check_tta(tta) == "plain" else "per_class_acc_flip"
+    loaded = labelled_runs(runs, labels)
+    counts = np.asarray(loaded[0][1]["metrics"]["counts"], dtype=float)
+    order = np.argsort(-counts, kind="stable")
+    fig = _figure((9.0, 4.2))
+    ax = fig.add_subplot()
+    _group_spans(ax, counts.astype(int).tolist())
+    colours = colormaps["tab10"]
+    for j, (label, run) in enumerate(loaded):
+        m = run["metrics"]
+        acc = np.asarray(m[key], dtype=float)
+        colour = colours(j % 10)
+        ax.scatter(counts, acc, s=9, color=colour, alpha=0.35, lw=0)
+        smooth = pd.Series(acc[order]).rolling(window, center=True, min_periods=1).mean()
+        ax.plot(counts[order], smooth, color=colour, lw=2,
+                label=f"{label} (All {m[tta]['all']:.1f}, Few {_one_decimal(m[tta].get('few'))})")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("training images of the class (log scale; tail on the left, head on the right)")
+    ax.set_ylabel(f"test accuracy of the class, % ({'flip-averaged' if tta == 'flip' else 'plain'})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(f"per-class accuracy against class size (dots: classes; lines: mean of {window} "
+                 "neighbouring classes)", fontsize=9)
+    return _finish(fig, title, save)
+
+
+def _test_curve(run: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(epochs, reported accuracy, plain accuracy, tta of the reported one) of the evaluated epochs."""
+    hist = run["history"]
+    hist = hist[hist["test_acc"].notna()] if "test_acc" in hist else hist.iloc[0:0]
+    if hist.empty:
+        raise LtrError(f"{run['run_dir']}/history.csv has no test accuracy (test_acc) per epoch")
+    plain = hist["test_acc"].to_numpy(dtype=float)
+    if "test_acc_flip" in hist and hist["test_acc_flip"].notna().all():
+        return hist["epoch"].to_numpy(dtype=float), hist["test_acc_flip"].to_numpy(dtype=float), plain, "flip"
+    return hist["epoch"].to_numpy(dtype=float), plain, plain, "plain"
+
+
+def plot_stage2_test_curves(
+    runs: Runs,
+    labels: Sequence[str] | None = None,
+    stage1: RunLike | None = None,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Test accuracy at every evaluated stage-2 epoch, with the epoch the official protocol would report.
+
+    Star: the epoch with the best plain test accuracy (WB's code keeps that epoch, so the test set chooses
+    it); circle: the last epoch (what this project reports). Lines are flip-averaged where the history has
+    it. stage1: the model stage 2 starts from, drawn at epoch 0 and as a dotted line.
+    """
+    loaded = [(label, run) for label, run in labelled_runs(runs, labels) if run["history"] is not None]
+    if not loaded:
+        raise LtrError("no stage-2 run with a history.csv to plot (post-hoc runs train no epochs)")
+    base = ensure_loaded(stage1) if stage1 is not None else None
+    fig = _figure((9.0, 4.2))
+    ax = fig.add_subplot()
+    colours = colormaps["tab10"]
+    shown = set()
+    for j, (label, run) in enumerate(loaded):
+        epochs, acc, plain, tta = _test_curve(run)
+        shown.add(tta)
+        colour = colours(j % 10)
+        # The best epoch is chosen among the stage-2 epochs (before epoch 0 is prepended), as WB's code.
+        best = int(np.nanargmax(plain))
+        if base is not None:
+            epochs = np.concatenate([[0.0], epochs])
+            acc = np.concatenate([[base["metrics"][tta]["all"]], acc])
+            best += 1
+        ax.plot(epochs, acc, color=colour, lw=1.8, marker=".", ms=5,
+                label=f"{label}: best test epoch {acc[best]:.1f} (epoch {epochs[best]:g}), "
+                      f"last {acc[-1]:.1f}")
+        ax.scatter([epochs[best]], [acc[best]], marker="*", s=180, color=colour, edgecolor="black", lw=0.6,
+                   zorder=3)
+        ax.scatter([epochs[-1]], [acc[-1]], marker="o", s=60, facecolor="white", edgecolor=colour, lw=2,
+                   zorder=3)
+    if base is not None:
+        tta = "flip" if "flip" in shown else "plain"
+        ax.axhline(base["metrics"][tta]["all"], color="0.4", ls=":", lw=1.2,
+                   label=f"stage-1 model (epoch 0): {base['metrics'][tta]['all']:.1f}")
+    ax.scatter([], [], marker="*", s=120, color="0.5", edgecolor="black", lw=0.6,
+               label="best test epoch (chosen on the test set, as WB's code does)")
+    ax.scatter([], [], marker="o", s=50, facecolor="white", edgecolor="0.5", lw=2,
+               label="last epoch (reported here)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("stage-2 epoch" + (" (0 = the stage-1 model)" if base is not None else ""))
+    ax.set_ylabel(f"test accuracy, all classes, % ({' / '.join(sorted(shown))})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title("stage-2 test accuracy per epoch: which epoch would the test set pick?", fontsize=9)
+    return _finish(fig, title, save)
+
+
+def plot_norm_range(
+    run: RunLike,
+    stage1: RunLike | None = None,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """Longest and shortest classifier row per stage-2 epoch (log), with the MaxNorm cap when there is one.
+
+    stage1: the run stage 2 starts from, drawn at epoch 0. The cap is the run's maxnorm_thresholds
+    (metrics.json): a row above the dashed line is projected back onto it after every step.
+    """
+    run = ensure_loaded(run)
+    if run["history"] is None:
+        raise LtrError(f"{run['run_dir']} has no history.csv: a post-hoc run trains no epochs")
+    hist = run["history"]
+    cols = sorted((c for c in hist.columns if c.startswith("wn_")), key=lambda c: int(c[3:]))
+    if not cols:
+        raise LtrError(f"{run['run_dir']}/history.csv has no weight-norm columns (wn_0, wn_1, ...)")
+    epochs = hist["epoch"].to_numpy(dtype=float)
+    norms = hist[cols].to_numpy(dtype=float)
+    if stage1 is not None:
+        start = ensure_loaded(stage1)["metrics"]["weight_norms"]
+        epochs, norms = np.concatenate([[0.0], epochs]), np.vstack([np.asarray(start, dtype=float), norms])
+    counts = run["metrics"]["counts"]
+    fig = _figure((7.5, 4.0))
+    ax = fig.add_subplot()
+    for g, classes in class_groups(counts).items():
+        if classes:
+            ax.plot(epochs, norms[:, classes].mean(1), color=GROUP_COLOURS[g], lw=1.2, alpha=0.8,
+                    label=f"{GROUP_TITLES[g]}: mean row")
+    ax.plot(epochs, norms.max(1), color="black", lw=2, marker=".", label="longest row")
+    ax.plot(epochs, norms.min(1), color="0.55", lw=2, marker=".", label="shortest row")
+    for i, cap in enumerate(run["metrics"].get("maxnorm_thresholds") or []):
+        ax.axhline(cap, color="tab:purple", ls="--", lw=1.5,
+                   label=f"MaxNorm cap {cap:.3g}" if i == 0 else None)
+    _plain_log_y_axis(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("stage-2 epoch" + (" (0 = the stage-1 classifier)" if stage1 is not None else ""))
+    ax.set_ylabel("||w_c|| at the end of the epoch (log)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(f"classifier row norms of {run_label(run)}", fontsize=9)
+    return _finish(fig, title, save)

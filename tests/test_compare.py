@@ -3,7 +3,6 @@ softmax, LDAM-DRW, and the `compare` table built from their run directories."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from conftest import stop_stage1_after
 from ltr.cli import main
 from ltr.config import Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
+from ltr.engine.step import StepRunner
 from ltr.experiments.compare import COMPARE_ROWS, OUR_IMPLEMENTATION, run_compare
 from ltr.experiments.report import PAPER_PEERS, PAPER_TABLE1
 from ltr.experiments.tables import ONE_STAGE_ROW
@@ -65,13 +65,13 @@ def test_each_head_learns_from_its_own_batch_only() -> None:
     g = torch.Generator().manual_seed(1)
     xb, xi = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
     yb, yi = torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)
-    step = aux_balanced_step(0.7, rotation=True)
+    # The trainer's own step runner: forward, loss and backward, as one training step computes them.
+    runner = StepRunner(model, aux_balanced_step(0.7, rotation=True), torch.device("cpu"))
     heads = ("fc.", "aux_heads.")
 
     def run(yb: torch.Tensor, yi: torch.Tensor) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        loss, logits, y = step(model, ((xb, yb), (xi, yi)), contextlib.nullcontext)
-        loss.backward()
+        loss, logits, y = runner.forward_backward(((xb, yb), (xi, yi)))
         assert torch.equal(y, yb) and logits.shape == (8, 10)  # predictions come from the main head
         return _grads(model, heads)
 

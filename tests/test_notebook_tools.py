@@ -15,11 +15,12 @@ from ltr import notebook_tools
 from ltr.config import PRESETS, preset_config, run_name
 from ltr.data import DataError, LtrError
 from ltr.engine.rundir import read_json, write_json
-from ltr.experiments.tables import PAPER_TABLE1, TABLE1_ROWS, collect
+from ltr.experiments.report import PAPER_TABLE1, collect
+from ltr.experiments.tables import TABLE1_ROWS
+from ltr.features import FEATURES_FILE
 from ltr.notebook_tools import TauNorm
 from ltr.plots import figure_png
 from ltr.synthetic import write_fake_cifar
-from ltr.train import FEATURES_FILE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

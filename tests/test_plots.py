@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from ltr import plots
 from ltr.config import Stage2Config, preset_config
 from ltr.data import LtrError
-from ltr.experiments.tables import PAPER_TABLE1, TABLE1_ROWS
+from ltr.experiments.report import PAPER_TABLE1
+from ltr.experiments.tables import TABLE1_ROWS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

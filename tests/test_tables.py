@@ -14,15 +14,8 @@ import pytest
 from ltr.cli import main
 from ltr.data import LtrError
 from ltr.engine.rundir import read_json
-from ltr.experiments.tables import (
-    PAPER_TABLE1,
-    TABLE1_ROWS,
-    best_test_cells,
-    best_test_epoch,
-    fmt_best,
-    plan,
-    run_table,
-)
+from ltr.experiments.report import PAPER_TABLE1, best_test_cells, best_test_epoch, fmt_best
+from ltr.experiments.tables import TABLE1_ROWS, plan, run_table
 
 FAST = dict(preset="smoke", device="cpu", progress=False)
 

@@ -1,18 +1,14 @@
-"""Sweep kinds and per-preset grids (ltr.experiments.tuning), and the one-way import stack of the package."""
+"""Sweep kinds and per-preset grids (ltr.experiments.tuning); the import layering is test_layering's."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
 from ltr.config import PRESETS, Stage1Config, Stage2Config, preset_config
 from ltr.data import LtrError
 from ltr.experiments.tuning import KINDS, sweep_grid
-
-LTR = Path(__file__).resolve().parent.parent / "ltr"
 
 
 @pytest.mark.parametrize("preset", ["paper", "cpu"])
@@ -42,25 +38,3 @@ def test_grids_stay_out_of_the_stage_configs() -> None:
 def test_unknown_preset_is_an_ltr_error() -> None:
     with pytest.raises(LtrError, match="unknown preset"):
         sweep_grid("tau", "huge")
-
-
-def _imports(path: Path) -> set[str]:
-    """The ltr modules a module imports, at top level or inside functions."""
-    deps = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-    return deps - {"__version__"}  # the package's version string, not a module
-
-
-def test_modules_form_a_one_way_stack() -> None:
-    graph = {p.stem: _imports(p) for p in LTR.glob("*.py") if not p.stem.startswith("__")}
-    for start in graph:
-        seen, todo = set(), list(graph[start])
-        while todo:
-            mod = todo.pop()
-            assert mod != start, f"ltr.{start} imports itself through its imports (a cycle)"
-            if mod not in seen:
-                seen.add(mod)
-                todo += graph.get(mod, ())
-    assert "sweep" not in graph["tables"] and not {"tables", "sweep"} & graph["tuning"]

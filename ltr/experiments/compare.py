@@ -2,9 +2,10 @@
 decoupling / loss baselines (cRT, LWS, logit adjustment, balanced softmax, LDAM-DRW) and Hasegawa & Sato's
 one-stage recipe (our implementation).
 
-Planning, running, resume and figures are the Table 1 runner's (tables); this module only picks the
-rows and writes compare.csv / compare.md. A cell of ours is the mean (± std) over the seeds that a run in
-the output folder produced; a published number is only ever one that tables quotes from a paper.
+Planning, running and resume are the Table 1 runner's (tables), the cells, notes and figures the Table 1
+report's (report); this module only picks the rows and writes compare.csv / compare.md. A cell of ours is
+the mean (± std) over the seeds that a run in the output folder produced; a published number is only ever
+one that report quotes from a paper.
 """
 
 from __future__ import annotations
@@ -18,23 +19,19 @@ import pandas as pd
 
 from ..config import MLA_TAU, preset_config
 from ..engine.rundir import write_atomic, write_json
-from .tables import (
+from .report import (
     BEST_NOTE,
     GROUPS,
-    ONE_STAGE_ROW,
     PAPER_PEERS,
     PAPER_TABLE1,
-    Row,
     collect,
     fmt_best,
     fmt_cell,
     md_rows,
-    run_plan,
     synthetic_note,
     table_figures,
-    tune_rows,
-    with_cb_variant,
 )
+from .tables import ONE_STAGE_ROW, Row, run_plan, tune_rows, with_cb_variant
 from .tuning import read_tuned, tuned_header
 
 IMBALANCE = 100.0  # the published figures are CIFAR100-LT at imbalance factor 100
@@ -62,7 +59,7 @@ COMPARE_ROWS: tuple[Row, ...] = (
 
 @dataclass(frozen=True)
 class Published:
-    """Where a row's published CIFAR100-LT IF100 figure comes from (keys into tables' quotes)."""
+    """Where a row's published CIFAR100-LT IF100 figure comes from (keys into report's quotes)."""
 
     wb_row: str | None = None  # a row of WB Table 1 with the same recipe (PAPER_TABLE1)
     peer: str | None = None  # the method's own paper, own recipe, as WB Table 2 quotes it (PAPER_PEERS)

@@ -19,18 +19,19 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import PRESETS, preset_config, run_name, stage2_name
-from ..data import VAL_PER_CLASS, LtrError, load_cifar_lt, resolve_device
+from ..data import VAL_PER_CLASS, load_cifar_lt, resolve_device
 from ..engine.precision import check_precision
 from ..engine.rundir import read_json, write_atomic, write_json
+from ..errors import LtrError
 from ..train import stage2_from
 from .jobs import check_jobs
+from .report import GROUPS
 from .tables import (
-    GROUPS,
     ONE_STAGE_ROW,
     TABLE1_ROWS,
     PlannedRun,
     Row,
-    _claim_out,
+    claim_out_dir,
     stage1_config,
     train_runs,
 )
@@ -66,10 +67,11 @@ def preset_value(kind: SweepKind, preset: str) -> float:
     """The value a preset's Table 1 uses (the cpu preset tunes its own stage-1 weight decay)."""
     if kind.stage == "stage1":
         return float(getattr(preset_config("stage1", preset), kind.field))
-    return float(_row(kind).stage2[kind.field])
+    return float(_swept_row(kind).stage2[kind.field])
 
 
-def _row(kind: SweepKind) -> Row:
+def _swept_row(kind: SweepKind) -> Row:
+    """The table row whose recipe every point of this kind runs."""
     return next(r for r in SWEEP_ROWS if r.name == kind.row)
 
 
@@ -91,7 +93,7 @@ def plan_points(kind: SweepKind, values: Sequence[float], out: Path, preset: str
     """
     runs: dict[Path, PlannedRun] = {}
     points = []
-    row = _row(kind)
+    row = _swept_row(kind)
     for seed in seeds:
         for v in values:
             if kind.stage == "stage1":
@@ -154,12 +156,14 @@ def choose(summary: pd.DataFrame, seeds: int | None = None) -> float:
     return float(pool[pool["val_all_mean"] == best]["value"].min())
 
 
-def _heldout(summary: pd.DataFrame, value: float) -> float | None:
+def _heldout_all(summary: pd.DataFrame, value: float) -> float | None:
+    """The mean held-out All of a swept value, None when the sweep did not run it."""
     hit = summary[summary["value"].map(lambda v: math.isclose(v, value, rel_tol=1e-9, abs_tol=1e-12))]
     return None if hit.empty else float(hit["heldout_all_mean"].iloc[0])
 
 
-def _ms(mean: float, std: float) -> str:
+def _mean_std_text(mean: float, std: float) -> str:
+    """mean ± std with two decimals; the mean alone for one seed."""
     return f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}")
 
 
@@ -208,8 +212,8 @@ def markdown(kind: SweepKind, summary: pd.DataFrame, info: dict) -> str:
         if not math.isclose(pre, paper) and math.isclose(r["value"], pre, rel_tol=1e-9, abs_tol=1e-12):
             marks.append("preset")
         cells = [f"{r['value']:g}", str(int(r["seeds"]))]
-        cells += [_ms(r[f"val_{g}_mean"], r[f"val_{g}_std"]) for g in GROUPS]
-        cells += [_ms(r[f"heldout_{g}_mean"], r[f"heldout_{g}_std"]) for g in GROUPS]
+        cells += [_mean_std_text(r[f"val_{g}_mean"], r[f"val_{g}_std"]) for g in GROUPS]
+        cells += [_mean_std_text(r[f"heldout_{g}_mean"], r[f"heldout_{g}_std"]) for g in GROUPS]
         lines.append("| " + " | ".join(cells + [", ".join(marks)]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -222,7 +226,7 @@ def write_outputs(kind: SweepKind, points: pd.DataFrame, sweep_dir: Path, info: 
     info["chosen"] = choose(summary, len(info["seeds"]))
     info["synthetic_data"] = bool(points["synthetic_data"].any())
     for key, v in (("chosen", info["chosen"]), ("paper", info["paper"]), ("preset", info["preset_value"])):
-        info[f"heldout_{key}"] = _heldout(summary, v)
+        info[f"heldout_{key}"] = _heldout_all(summary, v)
     info["values"] = [float(v) for v in summary["value"]]
     files = {name: sweep_dir / name for name in ("sweep.csv", "sweep.md", SWEEP_FILE)}
     write_atomic(files["sweep.csv"], points.sort_values(["value", "seed"]).to_csv(index=False))
@@ -237,6 +241,38 @@ def write_outputs(kind: SweepKind, points: pd.DataFrame, sweep_dir: Path, info: 
         files["sweep.png"] = sweep_dir / "sweep.png"
         write_atomic(files["sweep.png"], plots.figure_png(fig))
     return files
+
+
+def _checked_request(k: SweepKind, values: Sequence[float] | None, preset: str, seeds: Sequence[int],
+                     search: str, trials: int, tta: str) -> tuple[list[float], list[int]]:
+    """The sweep's values and seeds, after checking every argument that needs no data or device."""
+    if search not in SEARCHES:
+        raise LtrError(f"unknown --search {search!r}; choose grid or bayes")
+    if tta not in ("flip", "plain"):
+        raise LtrError(f"unknown --tta {tta!r}; choose flip or plain")
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    vals = check_values(k, values, preset)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise LtrError(f"--seeds {seeds}: give at least one seed, each once")
+    if search == "bayes" and (not isinstance(trials, int) or trials < 1):
+        raise LtrError(f"--trials must be a whole number >= 1, got {trials!r}")
+    return vals, seeds
+
+
+def _check_from_run(k: SweepKind, from_run: str | os.PathLike | None, seeds: list[int]) -> None:
+    """--from names one finished stage-1 run, for a stage-2 sweep of one seed."""
+    if from_run is None:
+        return
+    if k.stage == "stage1":
+        raise LtrError(f"--from names a stage-1 run to start stage 2 from; {k.name} trains stage 1 "
+                       "itself")
+    if not (Path(from_run) / "metrics.json").exists():
+        raise LtrError(f"--from {from_run}: no finished stage-1 run there (metrics.json missing); train "
+                       "it with `python -m ltr stage1` or leave --from out to use the preset's")
+    if len(seeds) > 1:
+        raise LtrError("--from starts every point from one stage-1 run: give one seed")
 
 
 def run_sweep(
@@ -268,18 +304,7 @@ def run_sweep(
     sweep_dir (default out/sweep-KIND, out/sweep-KIND-bayes for a Bayesian search). Returns the files.
     """
     k = get_kind(kind)
-    if search not in SEARCHES:
-        raise LtrError(f"unknown --search {search!r}; choose grid or bayes")
-    if tta not in ("flip", "plain"):
-        raise LtrError(f"unknown --tta {tta!r}; choose flip or plain")
-    if preset not in PRESETS:
-        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    vals = check_values(k, values, preset)
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise LtrError(f"--seeds {seeds}: give at least one seed, each once")
-    if search == "bayes" and (not isinstance(trials, int) or trials < 1):
-        raise LtrError(f"--trials must be a whole number >= 1, got {trials!r}")
+    vals, seeds = _checked_request(k, values, preset, seeds, search, trials, tta)
     check_precision(precision)
     check_jobs(jobs)
     dev = resolve_device(device)
@@ -287,15 +312,7 @@ def run_sweep(
         raise LtrError("the paper preset trains ResNet-34s for 200 epochs per point: days on a CPU. Run "
                        "it on a CUDA GPU, or try the sweep with --preset cpu or smoke (add --allow-cpu to "
                        "insist)")
-    if from_run is not None:
-        if k.stage == "stage1":
-            raise LtrError(f"--from names a stage-1 run to start stage 2 from; {k.name} trains stage 1 "
-                           "itself")
-        if not (Path(from_run) / "metrics.json").exists():
-            raise LtrError(f"--from {from_run}: no finished stage-1 run there (metrics.json missing); train "
-                           "it with `python -m ltr stage1` or leave --from out to use the preset's")
-        if len(seeds) > 1:
-            raise LtrError("--from starts every point from one stage-1 run: give one seed")
+    _check_from_run(k, from_run, seeds)
     imbalance = float(imbalance)
     if out is None:
         out = "exp/table1" if preset == "paper" else f"exp/table1-{preset}"
@@ -308,7 +325,7 @@ def run_sweep(
         raise LtrError(f"the test set in {root} has no images beyond the first {VAL_PER_CLASS} of each "
                        "class: a sweep needs both validation (those) and held-out images (the rest)")
     if (out / "table.json").exists():  # a table folder of another preset keeps its runs apart
-        _claim_out(out, preset, dataset)
+        claim_out_dir(out, preset, dataset)
     sdir.mkdir(parents=True, exist_ok=True)
     info = {"kind": k.name, "field": k.field, "stage": k.stage, "row": k.row, "search": search,
             "preset": preset, "dataset": dataset, "imbalance": imbalance, "seeds": seeds, "tta": tta,
