@@ -356,9 +356,11 @@ def tau_slider(tau_norm: TauNorm, value: float = 1.9, tta: str = "flip", title: 
 OFFICIAL_LOGS = {"WD=0": "stage1-wd0.csv", "WD=5e-3": "stage1-wd5e-3.csv"}  # exp/official/: WB's own logs
 
 
-def committed_run(session: Session, name: str) -> Path | None:
-    """A committed finished stage-1 run of this name: the notebooks' runs first, then the cpu reference's."""
-    for folder in (session.repo / NOTEBOOK_RUNS / "stage1", session.reference / "stage1"):
+def committed_run(session: Session, name: str, table1_first: bool = False) -> Path | None:
+    """A committed finished stage-1 run of this name: the notebooks' runs first, then the cpu reference's
+    Table 1 runs (table1_first: the other way round, e.g. to time runs all made on one machine)."""
+    folders = [session.repo / NOTEBOOK_RUNS / "stage1", session.reference / "stage1"]
+    for folder in reversed(folders) if table1_first else folders:
         if (folder / name / "metrics.json").is_file():
             return folder / name
     return None
@@ -380,7 +382,9 @@ def machine_note(run: Path) -> str:
     if not readme.is_file():
         return f"the machine is not recorded ({folder} has no README.md)"
     text = readme.read_text(encoding="utf-8")
-    line = next((ln.strip("-* ").strip() for ln in text.splitlines() if "machine" in ln.lower()), "")
+    flat = re.sub(r"\s+", " ", text.replace("**", ""))
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Z0-9-])", flat)
+    line = next((x for key in ("Machine:", "GiB") for x in sentences if key in x), "").strip("-* ")
     walls = folder / "wall_times.txt"
     head = walls.read_text(encoding="utf-8").splitlines()[0] if walls.is_file() else ""
     said = (head + "\n" + text).lower()
@@ -622,10 +626,12 @@ def stage1_wd_sweep(session: Session) -> dict | None:
 def try_it_costs(session: Session, items: Mapping[str, Sequence[float]], preset: str = REFERENCE_PRESET
                  ) -> pd.DataFrame:
     """{exercise: stage-1 weight decays it trains} -> minutes the committed runs of the preset's recipe with
-    those weight decays took to train (0 for nothing to train), cheapest first, with the machine named."""
+    those weight decays took to train (0 for nothing to train), cheapest first, with the machine named.
+    The Table 1 reference's runs are preferred, so that every time comes from the same machine."""
     rows, timed = [], None
     for item, wds in items.items():
-        runs = [committed_run(session, run_name(preset_config("stage1", preset, wd=v))) for v in wds]
+        runs = [committed_run(session, run_name(preset_config("stage1", preset, wd=v)), table1_first=True)
+                for v in wds]
         timed = timed or next((r for r in runs if r is not None), None)
         minutes = [_minutes(r) for r in runs if r is not None]
         rows.append({"exercise": item, "models to train": len(wds),
