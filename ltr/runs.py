@@ -37,43 +37,29 @@ RunLike = str | os.PathLike | dict
 Runs = RunLike | Sequence[RunLike] | Mapping[str, RunLike]
 
 
-# ---------------------------------------------------------------- loading
-
-
 def load_run(run_dir: str | os.PathLike) -> dict:
     """A finished run directory as a dict: config, metrics and the per-epoch history (or None)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise LtrError(f"{run_dir} is not a run directory (no config.json)")
     if not (run_dir / "metrics.json").is_file():
-        raise LtrError(
-            f"the run in {run_dir} is not finished (no metrics.json); rerun its command to resume it"
-        )
+        raise LtrError(f"the run in {run_dir} is not finished (no metrics.json); rerun its command to "
+                       "resume it")
     info = read_json(run_dir / "config.json")
-    history = None
-    if (run_dir / "history.csv").is_file():
-        history = pd.read_csv(run_dir / "history.csv")
-        if history.empty:
-            history = None
-    return {
-        "run_dir": run_dir,
-        "name": run_dir.name,
-        "stage": info.get("stage"),
-        "config": info.get("config", {}),
-        "stage1": info.get("stage1"),
-        "runtime": info.get("runtime", {}),
-        "metrics": read_json(run_dir / "metrics.json"),
-        "history": history,
-    }
+    history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else None
+    return {"run_dir": run_dir, "name": run_dir.name, "stage": info.get("stage"),
+            "config": info.get("config", {}), "stage1": info.get("stage1"),
+            "runtime": info.get("runtime", {}), "metrics": read_json(run_dir / "metrics.json"),
+            "history": None if history is None or history.empty else history}
 
 
 def ensure_loaded(run: RunLike) -> dict:
     """What load_run() returns, for a run directory or for what load_run() already returned."""
-    if isinstance(run, dict) and "run_dir" in run and "metrics" in run:
+    if not isinstance(run, dict):
+        return load_run(run)
+    if "run_dir" in run and "metrics" in run:
         return run
-    if isinstance(run, dict):
-        raise LtrError("a run must be a run directory or what load_run() returned")
-    return load_run(run)
+    raise LtrError("a run must be a run directory or what load_run() returned")
 
 
 def labelled_runs(runs: Runs, labels: Sequence[str] | None = None) -> list[tuple[str, dict]]:
@@ -81,10 +67,8 @@ def labelled_runs(runs: Runs, labels: Sequence[str] | None = None) -> list[tuple
     if isinstance(runs, Mapping) and not ("run_dir" in runs and "metrics" in runs):
         keys, items = list(runs.keys()), list(runs.values())
         labels = list(labels) if labels is not None else [str(k) for k in keys]
-    elif isinstance(runs, str | os.PathLike | dict):
-        items = [runs]
     else:
-        items = list(runs)
+        items = [runs] if isinstance(runs, str | os.PathLike | dict) else list(runs)
     if not items:
         raise LtrError("no runs to plot")
     loaded = [ensure_loaded(r) for r in items]
@@ -105,9 +89,6 @@ def check_tta(tta: str) -> str:
     return tta
 
 
-# ---------------------------------------------------------------- what a run is
-
-
 def _stage1_config_of(run: dict) -> dict:
     """The config of the stage-1 model behind a run: its own, or the one a stage-2 run started from."""
     return run["config"] if run["stage"] == "stage1" else (run.get("stage1") or {})
@@ -115,16 +96,10 @@ def _stage1_config_of(run: dict) -> dict:
 
 def _posthoc_label(cfg: dict) -> str | None:
     """The words of a post-hoc stage 2 (no training), or None for a trained one."""
-    posthoc = cfg.get("posthoc")
-    if posthoc == "logit-adjust":
-        return f"+ logit adjustment (tau={cfg.get('la_tau', 1.0):g})"
-    if posthoc == "mla":
-        return f"+ multiplicative logit adjustment (tau={cfg.get('tau', WB_TAU):g})"
-    if posthoc == "tau-norm":
-        return f"+ tau-norm (tau={cfg.get('tau', WB_TAU):g})"
-    if posthoc == "l2norm":
-        return "+ L2-norm"
-    return None
+    tau = f"{cfg.get('tau', WB_TAU):g}"
+    return {"logit-adjust": f"+ logit adjustment (tau={cfg.get('la_tau', 1.0):g})",
+            "mla": f"+ multiplicative logit adjustment (tau={tau})", "tau-norm": f"+ tau-norm (tau={tau})",
+            "l2norm": "+ L2-norm"}.get(cfg.get("posthoc"))
 
 
 def _trained_stage2_parts(cfg: dict) -> list[str]:
@@ -134,22 +109,15 @@ def _trained_stage2_parts(cfg: dict) -> list[str]:
         parts = ["CB (weighted CE)"]  # ours; plain "CB" is WB's loss
     if cfg.get("sampling", "instance") != "instance":
         parts = ["cRT"] if cfg.get("reinit") and parts == ["CE"] else parts + ["balanced sampling"]
-    if cfg.get("lws"):
-        parts.append("LWS")
-    if cfg.get("wd"):
-        parts.append("WD")
-    if cfg.get("maxnorm") is not None:
-        parts.append("MaxNorm")
-    if cfg.get("unit_norm"):
-        parts.append("L2norm")
-    return parts
+    return parts + [name for name, on in (("LWS", cfg.get("lws")), ("WD", cfg.get("wd")),
+                                          ("MaxNorm", cfg.get("maxnorm") is not None),
+                                          ("L2norm", cfg.get("unit_norm"))) if on]
 
 
 def run_label(run: RunLike) -> str:
     """A short name of a run in the paper's words, e.g. 'WD=5e-3' or '+ CB & WD & MaxNorm'."""
     run = ensure_loaded(run)
-    cfg = run["config"]
-    s1 = _stage1_config_of(run)
+    cfg, s1 = run["config"], _stage1_config_of(run)
     base = "WD=0 (naive)" if not s1.get("wd") else f"WD={s1['wd']:g}"
     if s1.get("method", "ce") == "aux-balanced":
         # docs/recipe.md §6 (our reading of Zhang et al.): balanced main head + instance auxiliary head.
@@ -159,9 +127,7 @@ def run_label(run: RunLike) -> str:
         base = f"fixed ETF + feature reg., {base}"
     if run["stage"] == "stage1":
         return base
-    prefix = "WD=0 " if not s1.get("wd") else ""
-    if s1.get("method", "ce") != "ce":
-        prefix = f"[{base}] "
+    prefix = f"[{base}] " if s1.get("method", "ce") != "ce" else "WD=0 " if not s1.get("wd") else ""
     posthoc = _posthoc_label(cfg)
     if posthoc is not None:
         return prefix + posthoc
@@ -173,16 +139,12 @@ def run_label(run: RunLike) -> str:
 def _is_tuned_wd(s1: dict) -> bool:
     """WB's tuned weight decay, or a preset's own tuned value on that preset's backbone and schedule."""
     wd = float(s1.get("wd", 0.0))
-    if math.isclose(wd, WB_STAGE1_WD):
-        return True
     # The cpu preset retunes weight decay for its shorter, faster schedule: its tuned model is WB's
     # "WD tuned" row in that recipe, and only there (the same wd on another recipe is just a sweep point).
-    for preset in PRESETS.values():
-        fields = {k: v for k, v in preset["stage1"].items() if k != "eval_every"}
-        if "wd" in fields and math.isclose(wd, fields["wd"]) and all(
-                s1.get(k) == v for k, v in fields.items() if k != "wd"):
-            return True
-    return False
+    return math.isclose(wd, WB_STAGE1_WD) or any(
+        "wd" in fields and math.isclose(wd, fields["wd"]) and all(s1.get(k) == v for k, v in fields.items()
+                                                                  if k != "wd")
+        for fields in ({k: v for k, v in p["stage1"].items() if k != "eval_every"} for p in PRESETS.values()))
 
 
 def _retrained_row(cfg: dict) -> str | None:
@@ -200,23 +162,17 @@ def _retrained_row(cfg: dict) -> str | None:
     mx = cfg.get("maxnorm")
     if mx is not None and not math.isclose(float(mx), WB_MAXNORM):
         return None
-    loss = str(cfg.get("loss", "ce")).upper()
-    parts = [loss] + (["WD"] if wd else []) + (["Max"] if mx is not None else [])
-    parts += ["L2norm"] if cfg.get("unit_norm") else []
-    row = "+ " + " & ".join(parts)
-    if cfg.get("trainable", "fc") != "fc":
-        row = "last two layers " + row
-    return row
+    parts = [str(cfg.get("loss", "ce")).upper()] + (["WD"] if wd else [])
+    parts += (["Max"] if mx is not None else []) + (["L2norm"] if cfg.get("unit_norm") else [])
+    return ("last two layers " if cfg.get("trainable", "fc") != "fc" else "") + "+ " + " & ".join(parts)
 
 
 def table1_row(run: RunLike) -> str | None:
     """The name of WB's Table 1 row whose recipe this run follows (CIFAR100-LT IF100), or None."""
     run = ensure_loaded(run)
-    cfg = run["config"]
-    s1 = _stage1_config_of(run)
-    if s1.get("dataset", "cifar100") != "cifar100" or float(s1.get("imbalance", 100)) != 100:
-        return None
-    if s1.get("method", "ce") != "ce":
+    cfg, s1 = run["config"], _stage1_config_of(run)
+    if (s1.get("dataset", "cifar100") != "cifar100" or float(s1.get("imbalance", 100)) != 100
+            or s1.get("method", "ce") != "ce"):
         return None
     naive, tuned = float(s1.get("wd", 0.0)) == 0, _is_tuned_wd(s1)
     if run["stage"] == "stage1":
@@ -230,15 +186,8 @@ def table1_row(run: RunLike) -> str | None:
     return _retrained_row(cfg)
 
 
-# ---------------------------------------------------------------- tables of runs
-
-
-def results_table(
-    runs: Runs,
-    labels: Sequence[str] | None = None,
-    tta: str = "flip",
-    paper: Mapping[str, Sequence[float]] | None = None,
-) -> pd.DataFrame:
+def results_table(runs: Runs, labels: Sequence[str] | None = None, tta: str = "flip",
+                  paper: Mapping[str, Sequence[float]] | None = None) -> pd.DataFrame:
     """Many/Medium/Few/All per run ('n/a' = empty group), beside the paper's row of the same recipe."""
     # paper maps Table 1 row names to (Many, Medium, Few, All), e.g. tables.PAPER_TABLE1; the "WB"
     # columns are filled only for a run whose recipe is that row's (table1_row), else "-".
@@ -259,7 +208,7 @@ def results_table(
     return pd.DataFrame(rows).set_index("run")
 
 
-# ---------------------------------------------------------------- feature analysis (Hasegawa & Sato)
+# Feature analysis (Hasegawa & Sato).
 
 
 def final_features(run: dict) -> dict:
@@ -271,11 +220,10 @@ def final_features(run: dict) -> dict:
 def fdr_history(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """(epochs, test FDR) of the evaluated epochs in history.csv, or None when it records none."""
     hist = run["history"]
-    if hist is None or "test_fdr" not in hist.columns:
+    if hist is None or "test_fdr" not in hist:
         return None
     fdr = pd.to_numeric(hist["test_fdr"], errors="coerce")
-    keep = fdr.notna().to_numpy()
-    if not keep.any():
+    if not (keep := fdr.notna().to_numpy()).any():
         return None
     return hist["epoch"].to_numpy(dtype=float)[keep], fdr.to_numpy(dtype=float)[keep]
 
@@ -286,11 +234,8 @@ def has_feature_analysis(runs: Runs, labels: Sequence[str] | None = None) -> boo
 
 
 def feature_table(runs: Runs, labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """Fisher discriminant ratio and cone effect at the end of each run, test and training features.
-
-    One row per run: `FDR test`, `FDR train`, and `cone {all, same, different} {test, train}` (mean cosine
-    similarity of two samples' features); empty where a run does not record it (made before ltr did).
-    """
+    """Fisher discriminant ratio and cone effect at the end of each run: `FDR {test, train}`, `cone {all,
+    same, different} {test, train}` (mean cosine of two samples' features); empty where not recorded."""
     rows = []
     for label, run in labelled_runs(runs, labels):
         feats = final_features(run)

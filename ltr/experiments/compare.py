@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import MLA_TAU, preset_config
-from ..engine.rundir import write_atomic, write_json
-from .report import (
-    BEST_NOTE,
-    GROUPS,
-    PAPER_PEERS,
-    PAPER_TABLE1,
-    collect,
-    fmt_best,
-    fmt_cell,
-    md_rows,
-    synthetic_note,
-    table_figures,
-)
-from .tables import ONE_STAGE_ROW, Row, run_plan, tune_rows, with_cb_variant
-from .tuning import read_tuned, tuned_header
+from ..engine.rundir import write_atomic
+from . import report
+from .tables import ONE_STAGE_ROW, Row, apply_tuned, run_plan, with_cb_variant
 
 IMBALANCE = 100.0  # the published figures are CIFAR100-LT at imbalance factor 100
 DATASET = "cifar100"
@@ -100,9 +88,9 @@ def published_cell(name: str) -> str:
     pub = PUBLISHED.get(name, Published())
     parts = []
     if pub.wb_row is not None:
-        parts.append(f"{PAPER_TABLE1[pub.wb_row][3]:.2f} (WB Table 1, same recipe)")
+        parts.append(f"{report.PAPER_TABLE1[pub.wb_row][3]:.2f} (WB Table 1, same recipe)")
     if pub.peer is not None:
-        parts.append(f"{PAPER_PEERS[pub.peer]:.2f} ({pub.peer}, own recipe, via WB Table 2)")
+        parts.append(f"{report.PAPER_PEERS[pub.peer]:.2f} ({pub.peer}, own recipe, via WB Table 2)")
     if pub.note:
         parts.append(pub.note)
     return "; ".join(parts) or "–"
@@ -110,16 +98,15 @@ def published_cell(name: str) -> str:
 
 def compare_frame(rows: tuple[Row, ...], where: dict, seeds: list[int], preset: str) -> pd.DataFrame:
     """collect()'s table (ours, WB's same-recipe Many/Medium/Few/All) plus stage 1, recipe and peers."""
-    df = collect(rows, where, seeds, [IMBALANCE], DATASET)
+    df = report.collect(rows, where, seeds, [IMBALANCE], DATASET)
     by_name = {r.name: r for r in rows}
     wd = preset_config("stage1", preset).wd
     df.insert(2, "stage1", [STAGE1_WORDS.get(by_name[n].stage1, by_name[n].stage1).format(wd=wd)
                             for n in df.row])
     df.insert(3, "stage2", [json.dumps(by_name[n].stage2, sort_keys=True) if by_name[n].stage2 else ""
                             for n in df.row])
-    peers = [PUBLISHED.get(n, Published()).peer for n in df.row]
-    df["peer"] = peers
-    df["peer_all"] = [PAPER_PEERS[p] if p else None for p in peers]
+    df["peer"] = peers = [PUBLISHED.get(n, Published()).peer for n in df.row]
+    df["peer_all"] = [report.PAPER_PEERS[p] if p else None for p in peers]
     df["published"] = [published_cell(n) for n in df.row]
     return df
 
@@ -132,18 +119,16 @@ def _posthoc_tau(rows: tuple[Row, ...], posthoc: str, default: float) -> float:
 
 def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int],
                      taus: tuple[float, float] = (1.9, MLA_TAU)) -> str:
-    """The comparison as markdown: ours (mean ± std over seeds) beside the published figures.
-
-    taus: the tau of tau-norm and of the one-stage recipe's logit adjustment, as the rows used them.
-    """
+    """The comparison as markdown: ours (mean ± std over seeds) beside the published figures; taus: the tau
+    of tau-norm and of the one-stage recipe's logit adjustment, as the rows used them."""
     tau_norm, mla_tau = taus
     sub = df[df.tta == tta]
-    head = ["method", "stage 1"] + [g.capitalize() for g in GROUPS] + ["All, best test epoch (optimistic)",
-                                                                       "published All (source)"]
+    head = (["method", "stage 1"] + [g.capitalize() for g in report.GROUPS]
+            + ["All, best test epoch (optimistic)", "published All (source)"])
     lines = [
         f"# WB beside aux-balanced and the decoupling baselines: CIFAR100-LT, IF 100 (preset `{preset}`)",
         "",
-        f"Evaluation: **{'flip-averaged logits' if tta == 'flip' else 'plain (no test-time flip)'}** on the "
+        f"Evaluation: **{report.tta_words(tta)}** on the "
         "full balanced test set, last epoch, no test-set epoch selection. Ours: mean ± std over seeds "
         f"{', '.join(map(str, seeds))}. Every row here uses the same backbone, optimizer, stage-1 epochs and "
         "augmentation; the \"+ ...\" rows retrain (or adjust) the classifier of the WD-tuned stage-1 model "
@@ -153,14 +138,11 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int],
         "its own backbone and schedule (end to end), as WB's Table 2 quotes it, so not like for like. "
         "aux-balanced is our reading of the abstract of Zhang et al. (\"To Balance or Not to Balance\"), "
         "which publishes no code or number. \"–\": no published CIFAR100-LT IF100 figure in our sources.",
-        "",
-        BEST_NOTE,
-        "",
+        "", report.BEST_NOTE, "",
     ]
-    body = [[rec["row"], rec["stage1"]] + [fmt_cell(rec, g) for g in GROUPS]
-            + [fmt_best(rec), rec["published"]] for _, rec in sub.iterrows()]
-    lines += md_rows(head, body, preset)
-    lines += [
+    body = [[rec["row"], rec["stage1"]] + [report.fmt_cell(rec, g) for g in report.GROUPS]
+            + [report.fmt_best(rec), rec["published"]] for _, rec in sub.iterrows()]
+    lines += report.md_rows(head, body, preset) + [
         "",
         "Recipes: cRT = classifier re-initialised and retrained with class-balanced sampling (Kang et al.); "
         "LWS = stage-1 classifier frozen, a per-class logit scale (init 1) learnt on class-balanced batches "
@@ -181,66 +163,40 @@ def markdown_compare(df: pd.DataFrame, tta: str, preset: str, seeds: list[int],
 def write_compare(rows: tuple[Row, ...], out: Path, where: dict, seeds: list[int], preset: str,
                   tta: str = "flip", figures: bool = True, suffix: str = "",
                   header: str = "") -> dict[str, Path]:
-    """compare{suffix}.csv / .md, compare{suffix}_runs.json, compare{suffix}_groups.png and figures.
-
-    suffix keeps a variant apart in the same folder ("-tuned"); header is markdown above the table.
-    """
+    """compare{suffix}.csv / .md, compare{suffix}_runs.json, compare{suffix}_groups.png and figures; suffix
+    keeps a variant apart in the same folder ("-tuned"); header is markdown above the table."""
     # Every name starts with "compare", so the folder may be a Table 1 folder whose runs it reuses.
     df = compare_frame(rows, where, seeds, preset)
-    csv, md = f"compare{suffix}.csv", f"compare{suffix}.md"
-    files = {csv: out / csv, md: out / md}
-    write_atomic(files[csv], df.to_csv(index=False))
-    write_atomic(files[md], synthetic_note(where) + header + markdown_compare(
-        df, tta, preset, seeds, (_posthoc_tau(rows, "tau-norm", 1.9), _posthoc_tau(rows, "mla", MLA_TAU))))
-    write_json(out / f"compare{suffix}_runs.json", {
-        "preset": preset, "seeds": seeds, "imbalances": [IMBALANCE],
-        "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
-        "rows": [asdict(r) for r in rows],
-    })
+    md = markdown_compare(df, tta, preset, seeds, (_posthoc_tau(rows, "tau-norm", 1.9),
+                                                   _posthoc_tau(rows, "mla", MLA_TAU)))
+    files = report.write_report(out, f"compare{suffix}", df, header + md, f"compare{suffix}_runs.json", rows,
+                                where, preset, seeds, [IMBALANCE])
     if figures:
         from .. import plots
 
         # The figure a reader looks at first: every method's groups with their spread over seeds.
-        note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
-        if synthetic_note(where):
-            note += " [SYNTHETIC data: describes the code, not the paper]"
+        note = report.figure_note(preset, bool(report.synthetic_note(where)))
         fig = plots.plot_group_summary(df, tta=tta)
         fig.suptitle(f"CIFAR100-LT IF 100, seeds {', '.join(map(str, seeds))}{note}", fontsize=9)
         png = out / f"compare{suffix}_groups.png"
         write_atomic(png, plots.figure_png(fig))
         files[png.name] = png
-        files.update(table_figures(rows, out, where, seeds[0], IMBALANCE, preset, f"figures-compare{suffix}"))
+        files.update(report.table_figures(rows, out, where, seeds[0], IMBALANCE, preset,
+                                          f"figures-compare{suffix}"))
     return files
 
 
-def run_compare(
-    root: str | os.PathLike = "data",
-    out: str | os.PathLike = "exp/compare",
-    preset: str = "paper",
-    seeds: list[int] | tuple[int, ...] = (0,),
-    device: str = "auto",
-    download: bool = False,
-    compile: bool = False,
-    progress: bool = True,
-    allow_cpu: bool = False,
-    figures: bool = True,
-    rows: tuple[Row, ...] = COMPARE_ROWS,
-    precision: str = "auto",
-    jobs: int = 1,
-    tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
-) -> dict[str, Path]:
+def run_compare(root: str | os.PathLike = "data", out: str | os.PathLike = "exp/compare",
+                preset: str = "paper", seeds: list[int] | tuple[int, ...] = (0,), device: str = "auto",
+                download: bool = False, compile: bool = False, progress: bool = True, allow_cpu: bool = False,
+                figures: bool = True,
+                rows: tuple[Row, ...] = COMPARE_ROWS, precision: str = "auto", jobs: int = 1,
+                tuned: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = ()) -> dict[str, Path]:
     """Plan, run (finished runs skipped, unfinished resumed) and tabulate the comparison; returns files.
-
     tuned: sweep directories (ltr sweep) whose validation-chosen values replace WB's in WB's rows and in
-    every baseline on the tuned-weight-decay backbone; written as compare-tuned.* beside compare.*.
-    """
+    every baseline on the tuned-weight-decay backbone; written as compare-tuned.* beside compare.*."""
     rows = with_cb_variant(rows, None, preset)  # the preset's CB loss, named in compare.csv's cb_loss
-    suffix, header = "", ""
-    if tuned:
-        chosen = read_tuned(tuned, preset, DATASET, [IMBALANCE])
-        rows = tune_rows(rows, {kind: value for kind, (value, _, _) in chosen.items()})
-        header = tuned_header(chosen, preset)
-        suffix = "-tuned"
+    rows, suffix, header = apply_tuned(rows, tuned, preset, DATASET, [IMBALANCE])
     where, seeds, _ = run_plan(rows, root, out, preset, seeds, [IMBALANCE], DATASET, device, download,
                                compile, progress, allow_cpu, desc="compare", precision=precision, jobs=jobs)
     return write_compare(rows, Path(out), where, seeds, preset, figures=figures, suffix=suffix,

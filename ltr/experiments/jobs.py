@@ -36,31 +36,21 @@ def gpu_slots(device: torch.device, jobs: int) -> list[str | None]:
     if device.type != "cuda" or device.index is not None or jobs < 2:
         return [None] * jobs
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-    else:
-        ids = [str(i) for i in range(torch.cuda.device_count())]
-    if len(ids) < 2:
-        return [None] * jobs
-    return [ids[i % len(ids)] for i in range(jobs)]
+    ids = ([v.strip() for v in visible.split(",") if v.strip()] if visible is not None
+           else [str(i) for i in range(torch.cuda.device_count())])
+    return [None] * jobs if len(ids) < 2 else [ids[i % len(ids)] for i in range(jobs)]
 
 
 def worker_threads() -> int:
-    """CPU threads per worker: as many as the parent uses.
-
-    On a CPU the bits of a result depend on the thread count (oneDNN splits its reductions by
-    thread), so a worker with a share of the threads would not reproduce the run of one process;
-    N workers share the cores instead (set OMP_WAIT_POLICY=PASSIVE so that waiting threads sleep).
-    """
+    """CPU threads per worker: as many as the parent uses. On a CPU the bits of a result depend on the
+    thread count (oneDNN splits its reductions by thread), so a worker with a share of the threads would
+    not reproduce one process's run; N workers share the cores (set OMP_WAIT_POLICY=PASSIVE: idlers sleep)."""
     return torch.get_num_threads()
 
 
 def stage_kwargs(stage: str, common: dict) -> dict:
-    """The keyword arguments of one run: a plan compiles stage 1 only.
-
-    A stage-2 run trains for minutes at most on a frozen backbone: compiling it (once per run) would
-    cost more than it saves.
-    """
+    """The keyword arguments of one run: a plan compiles stage 1 only (a stage-2 run trains for minutes at
+    most on a frozen backbone: compiling it, once per run, would cost more than it saves)."""
     return common if stage == "stage1" else {**common, "compile": False}
 
 
@@ -96,25 +86,22 @@ def _worker(slot: str | None, threads: int, tasks: Any, results: Any, root: str,
 
 def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str | os.PathLike,
                  dataset: str, common: dict, bar: Any) -> None:
-    """Train runs (objects with stage, config, out, imbalance) in `jobs` worker processes.
+    """Train runs (objects with stage, config, out, imbalance) in `jobs` worker processes; a stage-2 run only
+    once its stage-1 run (config.from_run) has finished; bar (tqdm) advances once per finished run.
 
-    A stage-2 run is handed out only once the stage-1 run it starts from (config.from_run) has finished.
-    bar (tqdm) advances by one per finished run. The first run that fails stops the others (their
-    checkpoints are kept, so a rerun resumes them) and its error is raised here: an LtrError with the
-    worker's message, anything else as a RuntimeError carrying the worker's traceback. Past the time
-    limit (engine.checkpoint.deadline) no run is handed out any more, the running ones stop at their next
-    epoch boundary with a checkpoint, and TimeLimitReached is raised once they all have.
+    The first run that fails stops the others (their checkpoints are kept, so a rerun resumes them) and its
+    error is raised here: an LtrError with the worker's message, anything else as a RuntimeError with the
+    worker's traceback. Past the time limit (engine.checkpoint.deadline) no run is handed out, the running
+    ones stop at their next epoch boundary with a checkpoint, and TimeLimitReached is raised once all have.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     index_of = {Path(r.out): i for i, r in enumerate(runs)}
     needs = {i: (index_of.get(Path(r.config.from_run)) if r.stage == "stage2" else None)
              for i, r in enumerate(runs)}
-    workers = [
-        ctx.Process(target=_worker, daemon=True,
-                    args=(slot, worker_threads(), tasks, results, str(root), dataset, common))
-        for slot in gpu_slots(device, jobs)
-    ]
+    workers = [ctx.Process(target=_worker, daemon=True,
+                           args=(slot, worker_threads(), tasks, results, str(root), dataset, common))
+               for slot in gpu_slots(device, jobs)]
     for w in workers:
         w.start()
     waiting, running, done = list(range(len(runs))), set(), set()
@@ -126,8 +113,7 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
                 failed = False  # every worker is idle: a clean stop
                 raise TimeLimitReached(f"{cut} ({len(done)} of {len(runs)} runs finished)")
             for i in [i for i in waiting if cut is None and (needs[i] is None or needs[i] in done)]:
-                r = runs[i]
-                tasks.put((i, r.stage, r.config, Path(r.out), r.imbalance))
+                tasks.put((i, runs[i].stage, runs[i].config, Path(runs[i].out), runs[i].imbalance))
                 waiting.remove(i)
                 running.add(i)
             bar.set_postfix_str(", ".join(sorted(Path(runs[i].out).name for i in running))[:120])
@@ -136,23 +122,21 @@ def run_parallel(runs: Sequence[Any], jobs: int, device: torch.device, root: str
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode is not None]
                 if dead:
-                    raise LtrError(
-                        f"a worker process died (exit code {dead[0].exitcode}) while training "
-                        f"{', '.join(str(runs[i].out) for i in sorted(running))}; out of memory? Rerun "
-                        "with fewer --jobs: finished runs are kept and unfinished ones resume"
-                    ) from None
+                    training = ", ".join(str(runs[i].out) for i in sorted(running))
+                    raise LtrError(f"a worker process died (exit code {dead[0].exitcode}) while training "
+                                   f"{training}; out of memory? Rerun with fewer --jobs: finished runs are "
+                                   "kept and unfinished ones resume") from None
                 continue
+            running.discard(index)
             if error is not None:
                 kind, message, trace = error
                 run = runs[index]
                 if kind == "deadline":
                     cut = cut or message
-                    running.discard(index)
                     continue
                 if kind == "ltr":
                     raise LtrError(f"{message} [{run.stage} run {run.out}]")
                 raise RuntimeError(f"the {run.stage} run {run.out} failed in a worker process:\n{trace}")
-            running.discard(index)
             done.add(index)
             bar.update(1)
         failed = False

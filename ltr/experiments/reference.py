@@ -21,13 +21,23 @@ from ..engine.rundir import read_json
 from ..errors import DataError
 from ..plots import plot_feature_analysis, plot_group_accuracy, plot_weight_norms
 from ..runs import GROUP_TITLES, feature_table, has_feature_analysis
+from .report import GROUPS
 
-# ---------------------------------------------------------------- committed Table 1 references
+NO_RUNS = "runs.json with finished run directories"
 
 
 def _say_no_reference(ref: Path, what: str) -> None:
     print(f"No committed reference run in {ref} yet (no {what}): nothing to compare with. "
           "A reference is what `python -m ltr table1` writes, kept under exp/reference/.")
+
+
+def _table1(ref: Path, tta: str) -> pd.DataFrame | None:
+    """A reference's table1.csv at its first imbalance factor and this tta, by row; None (said) if absent."""
+    if not (ref / "table1.csv").is_file():
+        _say_no_reference(ref, "table1.csv")
+        return None
+    df = pd.read_csv(ref / "table1.csv")
+    return df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
 
 
 def reference_runs(ref: str | os.PathLike, seed: int | None = None) -> dict[str, Path]:
@@ -37,10 +47,9 @@ def reference_runs(ref: str | os.PathLike, seed: int | None = None) -> dict[str,
         return {}
     info = read_json(ref / "runs.json")
     seed = info["seeds"][0] if seed is None else seed
-    imbalance = info["imbalances"][0]
     out = {}
     for run in info["runs"]:
-        if run["seed"] != seed or run["imbalance"] != imbalance:
+        if run["seed"] != seed or run["imbalance"] != info["imbalances"][0]:
             continue
         # runs.json records where the runs were made; the reference keeps their layout from stage1/
         # or stage2/ down, so the same tail of the path finds them here.
@@ -56,42 +65,32 @@ def reference_table(ref: str | os.PathLike, rows: Sequence[str] | None = None,
                     tta: str = "flip") -> pd.DataFrame | None:
     """Many/Medium/Few/All of a committed reference's table1.csv beside WB's, or None (said) when absent."""
     ref = Path(ref)
-    path = ref / "table1.csv"
-    if not path.is_file():
-        _say_no_reference(ref, "table1.csv")
+    if (df := _table1(ref, tta)) is None:
         return None
-    df = pd.read_csv(path)
-    df = df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
     if rows is not None:
         df = df.loc[[r for r in rows if r in df.index]]
     info = read_json(ref / "runs.json") if (ref / "runs.json").is_file() else {}
-    print(f"read from {path} (preset {info.get('preset', '?')!r}, seeds {info.get('seeds', '?')}, "
-          f"{'flip-averaged' if tta == 'flip' else 'plain'}, last epoch); WB = the paper's Table 1")
-    table = pd.DataFrame(index=df.index)
-    for who, suffix in (("ref", "mean"), ("WB", "paper")):
-        for g in ("many", "medium", "few", "all"):
-            table[f"{who} {GROUP_TITLES[g]}"] = df[f"{g}_{suffix}"].round(2)
-    return table
+    print(f"read from {ref / 'table1.csv'} (preset {info.get('preset', '?')!r}, seeds "
+          f"{info.get('seeds', '?')}, {'flip-averaged' if tta == 'flip' else 'plain'}, last epoch); "
+          "WB = the paper's Table 1")
+    return pd.DataFrame({f"{who} {GROUP_TITLES[g]}": df[f"{g}_{suffix}"].round(2)
+                         for who, suffix in (("ref", "mean"), ("WB", "paper")) for g in GROUPS},
+                        index=df.index)
 
 
 def reference_change(ref: str | os.PathLike, before: str, after: str, tta: str = "flip") -> str | None:
     """One line: how each group moves from row `before` to row `after`, in a reference and in WB's table."""
     ref = Path(ref)
-    if not (ref / "table1.csv").is_file():
-        _say_no_reference(ref, "table1.csv")
+    if (df := _table1(ref, tta)) is None:
         return None
-    df = pd.read_csv(ref / "table1.csv")
-    df = df[(df.tta == tta) & (df.imbalance == df.imbalance.iloc[0])].set_index("row")
     if before not in df.index or after not in df.index or pd.isna(df.loc[after, "all_mean"]):
         print(f"{ref / 'table1.csv'} has no finished rows {before!r} and {after!r}")
         return None
 
     def moves(suffix: str) -> str:
-        parts = []
-        for g in ("many", "medium", "few", "all"):
-            a, b = df.loc[before, f"{g}_{suffix}"], df.loc[after, f"{g}_{suffix}"]
-            parts.append(f"{GROUP_TITLES[g]} {'n/a' if pd.isna(a) or pd.isna(b) else f'{b - a:+.1f}'}")
-        return ", ".join(parts)
+        pairs = [(g, df.loc[before, f"{g}_{suffix}"], df.loc[after, f"{g}_{suffix}"]) for g in GROUPS]
+        return ", ".join(f"{GROUP_TITLES[g]} {'n/a' if pd.isna(a) or pd.isna(b) else f'{b - a:+.1f}'}"
+                         for g, a, b in pairs)
 
     line = (f"{ref / 'table1.csv'}: from {before!r} to {after!r} (points, {tta}): reference run "
             f"{moves('mean')};  WB's Table 1 {moves('paper')}")
@@ -102,8 +101,7 @@ def reference_change(ref: str | os.PathLike, before: str, after: str, tta: str =
 def show_reference(ref: str | os.PathLike, rows: Sequence[str],
                    changes: Sequence[tuple[str, str]] = ()) -> None:
     """Display a reference's rows (reference_table) and print how each (before, after) pair moves."""
-    table = reference_table(ref, rows)
-    if table is None:
+    if (table := reference_table(ref, rows)) is None:
         return
     from IPython.display import display
 
@@ -120,22 +118,21 @@ def show_sweep(sweep_dir: str | os.PathLike, what: str = "this sweep") -> dict |
         return None
     from IPython.display import Image, Markdown, display
 
-    info = read_json(sdir / "sweep.json")
-    md = (sdir / "sweep.md").read_text()
     # The summary lines (chosen, WB's value, the gap) without the per-value table below them.
-    summary = [line for line in md.splitlines() if line.startswith(("- ", "**", "# "))]
+    summary = [line for line in (sdir / "sweep.md").read_text().splitlines()
+               if line.startswith(("- ", "**", "# "))]
     display(Markdown(f"**{what}** (`{sdir}`)\n\n" + "\n".join(
         line.replace("# Sweep:", "Sweep:") for line in summary)))
     if (sdir / "sweep.png").is_file():
         display(Image(filename=str(sdir / "sweep.png")))
-    return info
+    return read_json(sdir / "sweep.json")
 
 
 def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -> dict[int, float] | None:
     """Training minutes a reference spent on these rows' runs, per seed (from their metrics.json), printed."""
     ref = Path(ref)
     if not reference_runs(ref):
-        _say_no_reference(ref, "runs.json with finished run directories")
+        _say_no_reference(ref, NO_RUNS)
         return None
     info = read_json(ref / "runs.json")
     if info.get("preset") != preset:
@@ -146,11 +143,9 @@ def reference_timing(ref: str | os.PathLike, rows: Sequence[str], preset: str) -
     runtime: dict = {}
     for seed in info["seeds"]:
         runs = reference_runs(ref, seed)
-        done = [runs[r] for r in rows if r in runs]
-        if not done:
+        if not (done := [runs[r] for r in rows if r in runs]):
             continue
-        seconds = [float(read_json(d / "metrics.json").get("train_seconds") or 0.0) for d in done]
-        minutes[seed] = sum(seconds) / 60
+        minutes[seed] = sum(float(read_json(d / "metrics.json").get("train_seconds") or 0) for d in done) / 60
         runtime = read_json(done[0] / "config.json").get("runtime", {})
     per_seed = ", ".join(f"seed {s}: {m:.1f} min" for s, m in minutes.items())
     print(f"training time of these {len(rows)} runs in {ref} ({per_seed}; device {runtime.get('device')}, "
@@ -170,18 +165,11 @@ def paper_reference(repo: str | os.PathLike) -> Path | None:
 
 def show_paper_reference(repo: str | os.PathLike, rows: Sequence[str],
                          figure: str = "weight_norms") -> Figure | None:
-    """The paper-scale reference's rows beside WB's and one figure drawn from its run directories.
-
-    figure: weight_norms (per-class classifier norms) or group_accuracy (flip). Without a committed
-    paper-preset reference it says so in one line and returns None.
-    """
-    ref = paper_reference(repo)
-    if ref is None:
-        print("No paper-scale (GPU) reference is committed yet (exp/reference/<gpu>-paper/): "
-              "scripts/gpu_reference.sh makes one.")
+    """The paper-scale reference's rows beside WB's and one figure (weight_norms or group_accuracy, flip)
+    from its run directories; without a committed paper-preset reference it says so and returns None."""
+    if (ref := paper_reference_said(repo)) is None:
         return None
-    table = reference_table(ref, rows)
-    runs = reference_runs(ref)
+    table, runs = reference_table(ref, rows), reference_runs(ref)
     done = {r: runs[r] for r in rows if r in runs}
     if table is None or not done:
         return None
@@ -190,17 +178,15 @@ def show_paper_reference(repo: str | os.PathLike, rows: Sequence[str],
     display(table)
     env = read_json(ref / "environment.json") if (ref / "environment.json").is_file() else {}
     where = f" ({env['gpu']})" if env.get("gpu") else ""
-    if figure == "weight_norms":
-        fig = plot_weight_norms(list(done.values()), labels=list(done))
-    elif figure == "group_accuracy":
-        fig = plot_group_accuracy(list(done.values()), labels=list(done), tta="flip")
-    else:
+    if figure not in ("weight_norms", "group_accuracy"):
         raise ValueError(f"figure must be weight_norms or group_accuracy, got {figure!r}")
+    fig = (plot_weight_norms(list(done.values()), labels=list(done)) if figure == "weight_norms"
+           else plot_group_accuracy(list(done.values()), labels=list(done), tta="flip"))
     fig.suptitle(f"paper-scale reference {ref.name}{where}, preset paper")
     return fig
 
 
-# ---------------------------------------------------------------- why weight decay helps (Hasegawa & Sato)
+# Why weight decay helps (Hasegawa & Sato).
 
 
 def show_feature_analysis(runs: Mapping[str, str | os.PathLike], what: str) -> pd.DataFrame | None:
@@ -216,8 +202,7 @@ def show_feature_analysis(runs: Mapping[str, str | os.PathLike], what: str) -> p
     from IPython.display import display
 
     display(plot_feature_analysis(done, title=what))
-    table = feature_table(done)
-    display(table)
+    display(table := feature_table(done))
     return table
 
 
@@ -235,14 +220,13 @@ def show_reference_features(ref: str | os.PathLike | None, rows: Sequence[str],
     """show_feature_analysis on a committed reference's runs of these Table 1 rows (first seed)."""
     if ref is None:
         return None
-    runs = reference_runs(ref)
-    if not runs:
-        _say_no_reference(Path(ref), "runs.json with finished run directories")
+    if not (runs := reference_runs(ref)):
+        _say_no_reference(Path(ref), NO_RUNS)
         return None
     return show_feature_analysis({r: runs[r] for r in rows if r in runs}, f"{what} ({ref})")
 
 
-# ---------------------------------------------------------------- stage 2 read as a logit rescaling
+# Stage 2 read as a logit rescaling.
 
 
 def _predicting_classifier(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +248,8 @@ def logit_rescaling(stage1_run: str | os.PathLike, stage2_run: str | os.PathLike
     this stage 2 resembles. Needs the checkpoints (a committed reference keeps none).
     """
     paths = [Path(stage1_run) / "ckpt.pt", Path(stage2_run) / "ckpt.pt"]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p} is missing: the rescaling reads the classifier from the checkpoints")
+    if missing := [p for p in paths if not p.is_file()]:
+        raise DataError(f"{missing[0]} is missing: the rescaling reads the classifier from the checkpoints")
     (w0, b0), (w1, b1) = (
         _predicting_classifier(torch.load(p, map_location="cpu", weights_only=True)["model"]) for p in paths)
     counts = np.asarray(read_json(Path(stage1_run) / "metrics.json")["counts"], dtype=float)
@@ -277,7 +260,6 @@ def logit_rescaling(stage1_run: str | os.PathLike, stage2_run: str | os.PathLike
         "bias_before": b0.numpy(), "bias_after": b1.numpy(),
     })
     df.index.name = "class"
-    log_prior = np.log(counts / counts.sum())
-    slope = np.polyfit(log_prior, np.log(df["scale"].clip(lower=1e-12)), 1)[0]
+    slope = np.polyfit(np.log(counts / counts.sum()), np.log(df["scale"].clip(lower=1e-12)), 1)[0]
     df.attrs["tau_fit"] = float(-slope)
     return df

@@ -54,6 +54,10 @@ PAPER_PEERS: dict[str, float] = {
 }
 
 
+SYNTHETIC_WARNING = ("**These runs used SYNTHETIC images (ltr.synthetic), not CIFAR: the numbers describe "
+                     "the code, not the paper.**")
+
+
 class TableRow(Protocol):
     """What the report reads of a table row (ltr.experiments.tables.Row, which imports this module)."""
 
@@ -65,20 +69,55 @@ class TableRow(Protocol):
 
 def cb_label(row: TableRow) -> str:
     """ "WB's loss" / "weighted CE" for a class-balanced row whose variant is set, else ""."""
-    if row.stage2.get("loss") != "cb":
-        return ""
-    return CB_LABELS.get(row.stage2.get("cb_variant", ""), "")
+    return CB_LABELS.get(row.stage2.get("cb_variant", ""), "") if row.stage2.get("loss") == "cb" else ""
 
 
-# ---------------------------------------------------------------- tables
+def tta_words(tta: str) -> str:
+    return "flip-averaged logits" if tta == "flip" else "plain (no test-time flip)"
+
+
+def mean_std_text(mean: float, std: float | None) -> str:
+    """mean ± std with two decimals; the mean alone without a std (one seed)."""
+    return f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}")
+
+
+def md_line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def preset_warning(preset: str | None) -> list[str]:
+    """A warning paragraph for a preset other than the paper's."""
+    if preset is None or preset == "paper":
+        return []
+    return [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
+
+
+def figure_note(preset: str, synthetic: bool) -> str:
+    """What a figure's title adds when it is not the paper's recipe on CIFAR."""
+    note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
+    return note + (" [SYNTHETIC data: describes the code, not the paper]" if synthetic else "")
+
+
+def write_report(out: Path, stem: str, df: pd.DataFrame, text: str, runs_json: str,
+                 rows: tuple[TableRow, ...], where: dict, preset: str, seeds: list[int],
+                 imbalances: list[float]) -> dict[str, Path]:
+    """stem.csv (df), stem.md (a synthetic-data warning, then text) and the plan as runs_json, into out."""
+    files = {f"{stem}.csv": out / f"{stem}.csv", f"{stem}.md": out / f"{stem}.md"}
+    write_atomic(files[f"{stem}.csv"], df.to_csv(index=False))
+    write_atomic(files[f"{stem}.md"], synthetic_note(where) + text)
+    write_json(out / runs_json, {
+        "preset": preset, "seeds": seeds, "imbalances": imbalances,
+        "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
+        "rows": [asdict(r) for r in rows],
+    })
+    return files
 
 
 def _mean_std_count(values: list[float | None]) -> tuple[float | None, float | None, int]:
     """(mean, std, n) of the values that are not None; std is None for fewer than two of them."""
-    vals = [v for v in values if v is not None]
-    if not vals:
+    s = pd.Series([v for v in values if v is not None], dtype=float)
+    if s.empty:
         return None, None, 0
-    s = pd.Series(vals, dtype=float)
     return float(s.mean()), (float(s.std(ddof=1)) if len(s) > 1 else None), len(s)
 
 
@@ -90,9 +129,7 @@ def best_test_epoch(run_dir: Path) -> tuple[float, float | None] | None:
     before flip accuracy was recorded per epoch. None: no evaluated epoch (a post-hoc run).
     """
     path = Path(run_dir) / "history.csv"
-    if not path.exists():
-        return None
-    hist = pd.read_csv(path)
+    hist = pd.read_csv(path) if path.exists() else pd.DataFrame()
     if "test_acc" not in hist:
         return None
     plain = pd.to_numeric(hist["test_acc"], errors="coerce")
@@ -121,7 +158,6 @@ BEST_NOTE = (
     "showing the highest plain accuracy instead. \"–\": a post-hoc row has no epochs of its own."
 )
 
-
 CB_NOTE = (
     "CB loss: \"WB's loss\" is the class-balanced loss of WB's code (binary cross-entropy of the softmax "
     "probabilities against the one-hot label, weighted by the label's class weight, averaged over batch x "
@@ -137,53 +173,48 @@ def collect(rows: tuple[TableRow, ...], where: dict[tuple[str, float, int], Path
     records = []
     for imb in imbalances:
         for row in rows:
-            metrics, best = [], []
-            for seed in seeds:
-                path = where[row.name, imb, seed] / "metrics.json"
-                if path.exists():
-                    metrics.append(read_json(path))
-                    best.append(best_test_epoch(path.parent))
-            best_values, best_tta = best_test_cells(best)
+            done = [where[row.name, imb, seed] for seed in seeds
+                    if (where[row.name, imb, seed] / "metrics.json").exists()]
+            metrics = [read_json(d / "metrics.json") for d in done]
+            best_values, best_tta = best_test_cells([best_test_epoch(d) for d in done])
             best_mean, best_std, best_n = _mean_std_count(best_values)
             wb_row = row.paper or row.name
+            paper = PAPER_TABLE1.get(wb_row) if imb == 100 and cifar100 else None
             for tta in ("plain", "flip"):
                 rec: dict = {"imbalance": imb, "row": row.name, "cb_loss": cb_label(row), "tta": tta,
-                             "seeds": len(metrics)}
-                rec.update(best_test_all_mean=best_mean, best_test_all_std=best_std, best_test_all_n=best_n,
-                           best_test_tta=best_tta)
-                paper = PAPER_TABLE1.get(wb_row) if imb == 100 and cifar100 else None
+                             "seeds": len(metrics), "best_test_all_mean": best_mean,
+                             "best_test_all_std": best_std, "best_test_all_n": best_n,
+                             "best_test_tta": best_tta}
                 for i, g in enumerate(GROUPS):
                     mean, std, n = _mean_std_count([m[tta][g] for m in metrics])
                     ref = paper[i] if paper else (PAPER_TABLE2.get(wb_row, {}).get(int(imb))
                                                   if g == "all" and cifar100 else None)
-                    rec[f"{g}_mean"], rec[f"{g}_std"], rec[f"{g}_n"] = mean, std, n
-                    rec[f"{g}_paper"] = ref
-                    rec[f"{g}_diff"] = None if mean is None or ref is None else mean - ref
+                    rec.update({f"{g}_mean": mean, f"{g}_std": std, f"{g}_n": n, f"{g}_paper": ref,
+                                f"{g}_diff": None if mean is None or ref is None else mean - ref})
                 records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
-def _mean_std_text(rec: pd.Series, key: str, empty: str) -> str:
+def _cell_text(rec: pd.Series, key: str, empty: str) -> str:
     """rec's {key}_mean ± {key}_std over seeds; `empty` when runs finished without a value, else "no run"."""
-    mean, std = rec[f"{key}_mean"], rec[f"{key}_std"]
-    if pd.isna(mean):
+    if pd.isna(rec[f"{key}_mean"]):
         return empty if rec["seeds"] else "no run"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if not pd.isna(std) else "")
+    return mean_std_text(rec[f"{key}_mean"], rec[f"{key}_std"])
 
 
 def fmt_cell(rec: pd.Series, g: str) -> str:
     """A cell of ours: mean ± std over seeds, "n/a" for an empty group, "no run" when nothing finished."""
-    return _mean_std_text(rec, g, "n/a" if rec[f"{g}_n"] == 0 else "no run")
+    return _cell_text(rec, g, "n/a" if rec[f"{g}_n"] == 0 else "no run")
 
 
 def fmt_best(rec: pd.Series) -> str:
     """The optimistic cell: mean ± std over seeds; "(plain)" marks old histories, "–" a post-hoc row."""
-    cell = _mean_std_text(rec, "best_test_all", "–")
     old = rec.get("best_test_tta") == "plain" and not pd.isna(rec["best_test_all_mean"])
-    return cell + (" (plain)" if old else "")
+    return _cell_text(rec, "best_test_all", "–") + (" (plain)" if old else "")
 
 
-def _fmt_number(x: object, signed: bool = False) -> str:
+def fmt_number(x: object, signed: bool = False) -> str:
+    """Two decimals (signed: with its sign), or a dash for a value that was not measured."""
     if x is None or pd.isna(x):
         return "–"
     return f"{x:+.2f}" if signed else f"{x:.2f}"
@@ -192,19 +223,12 @@ def _fmt_number(x: object, signed: bool = False) -> str:
 def synthetic_note(where: dict) -> str:
     """A warning line when any finished run of the plan trained on synthetic files, else ''."""
     runs = [p / "metrics.json" for p in where.values() if (p / "metrics.json").exists()]
-    if any(read_json(m).get("synthetic_data") for m in runs):
-        return ("**These runs used SYNTHETIC images (ltr.synthetic), not CIFAR: the numbers describe the "
-                "code, not the paper.**\n")
-    return ""
+    return SYNTHETIC_WARNING + "\n" if any(read_json(m).get("synthetic_data") for m in runs) else ""
 
 
 def md_rows(head: list[str], rows: list[list[str]], preset: str | None = None) -> list[str]:
     """Markdown table lines, preceded by a warning when the preset is not the paper's."""
-    lines = []
-    if preset is not None and preset != "paper":
-        lines += [f"**Preset `{preset}` is not the paper's recipe: compare shapes, not numbers.**", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    return [*preset_warning(preset), md_line(head), "|" + "---|" * len(head), *map(md_line, rows)]
 
 
 def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, seeds: list[int],
@@ -217,38 +241,31 @@ def markdown_table1(df: pd.DataFrame, imbalance: float, tta: str, preset: str, s
     lines = [
         f"# Table 1: {dataset.upper()}-LT, imbalance factor {imbalance:g} (preset `{preset}`)",
         "",
-        f"Evaluation: **{'flip-averaged logits' if tta == 'flip' else 'plain (no test-time flip)'}** on "
+        f"Evaluation: **{tta_words(tta)}** on "
         "the full balanced test set, last epoch, no test-set epoch selection. Ours: mean ± std over "
         f"seeds {', '.join(map(str, seeds))}. WB: the paper's Table 1 (they average flips and pick the "
         "best test epoch). \"n/a\": the group has no class; \"no run\": no finished run in this folder.",
-        "",
-        BEST_NOTE,
-        "",
-        CB_NOTE,
-        "",
+        "", BEST_NOTE, "", CB_NOTE, "",
     ]
     body = [[rec["row"], rec["cb_loss"] or "–"] + [fmt_cell(rec, g) for g in GROUPS]
-            + [_fmt_number(rec[f"{g}_paper"]) for g in GROUPS]
-            + [_fmt_number(rec[f"{g}_diff"], signed=True) for g in GROUPS] + [fmt_best(rec)]
+            + [fmt_number(rec[f"{g}_paper"]) for g in GROUPS]
+            + [fmt_number(rec[f"{g}_diff"], signed=True) for g in GROUPS] + [fmt_best(rec)]
             for _, rec in sub.iterrows()]
-    lines += md_rows(head, body, preset)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + md_rows(head, body, preset)) + "\n"
 
 
 def markdown_table2(df: pd.DataFrame, tta: str, preset: str) -> str:
     """Table 2 as markdown: "All" by imbalance factor, ours beside WB's."""
     imbs = sorted(df.imbalance.unique(), reverse=True)
     head = ["row"] + [f"IF {i:g} ours" for i in imbs] + [f"IF {i:g} WB" for i in imbs]
-    lines = [f"# Table 2: CIFAR100-LT, All accuracy by imbalance factor (preset `{preset}`, {tta})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for name in PAPER_TABLE2:
         sub = df[(df.row == name) & (df.tta == tta)]
-        if sub.empty:
-            continue
-        ours = [fmt_cell(sub[sub.imbalance == i].iloc[0], "all") for i in imbs]
-        wb = [_fmt_number(PAPER_TABLE2[name].get(int(i))) for i in imbs]
-        lines.append("| " + " | ".join([name] + ours + wb) + " |")
-    return "\n".join(lines) + "\n"
+        if not sub.empty:
+            body.append([name] + [fmt_cell(sub[sub.imbalance == i].iloc[0], "all") for i in imbs]
+                        + [fmt_number(PAPER_TABLE2[name].get(int(i))) for i in imbs])
+    lines = [f"# Table 2: CIFAR100-LT, All accuracy by imbalance factor (preset `{preset}`, {tta})", ""]
+    return "\n".join(lines + md_rows(head, body)) + "\n"
 
 
 def write_tables(rows: tuple[TableRow, ...], out: Path, where: dict, seeds: list[int],
@@ -260,21 +277,14 @@ def write_tables(rows: tuple[TableRow, ...], out: Path, where: dict, seeds: list
     header is markdown put above the tables (what differs from the paper's recipe).
     """
     df = collect(rows, where, seeds, imbalances, dataset)
-    t1, t2 = f"table1{suffix}", f"table2{suffix}"
-    files = {f"{t1}.csv": out / f"{t1}.csv", f"{t1}.md": out / f"{t1}.md"}
-    write_atomic(files[f"{t1}.csv"], df.to_csv(index=False))
     main_imb = 100.0 if 100.0 in imbalances else imbalances[0]
     md = [markdown_table1(df, i, tta, preset, seeds, dataset)
           for i in [main_imb] + [i for i in imbalances if i != main_imb]]
-    write_atomic(files[f"{t1}.md"], synthetic_note(where) + header + "\n".join(md))
+    files = write_report(out, f"table1{suffix}", df, header + "\n".join(md), f"runs{suffix}.json", rows,
+                         where, preset, seeds, imbalances)
     if len(imbalances) > 1:
-        files[f"{t2}.md"] = out / f"{t2}.md"
-        write_atomic(files[f"{t2}.md"], header + markdown_table2(df, tta, preset))
-    write_json(out / f"runs{suffix}.json", {
-        "preset": preset, "seeds": seeds, "imbalances": imbalances,
-        "runs": [{"row": r, "imbalance": i, "seed": s, "dir": str(p)} for (r, i, s), p in where.items()],
-        "rows": [asdict(r) for r in rows],
-    })
+        files[f"table2{suffix}.md"] = out / f"table2{suffix}.md"
+        write_atomic(files[f"table2{suffix}.md"], header + markdown_table2(df, tta, preset))
     if figures:
         files.update(table_figures(rows, out, where, seeds[0], main_imb, preset, folder=f"figures{suffix}"))
     return files
@@ -291,11 +301,9 @@ def table_figures(rows: tuple[TableRow, ...], out: Path, where: dict, seed: int,
             if (where[r.name, imbalance, seed] / "metrics.json").exists()}
     if not done:
         return {}
-    note = "" if preset == "paper" else f" [preset {preset}: not the paper's recipe]"
-    if any(read_json(d / "metrics.json").get("synthetic_data") for d in done.values()):
-        note += " [SYNTHETIC data: describes the code, not the paper]"
+    note = figure_note(preset, bool(synthetic_note(done)))
     names, dirs = list(done), list(done.values())
-    stage1 = [n for n in names if not next(r for r in rows if r.name == n).stage2]
+    stage1 = {r.name: r.stage1 for r in rows if r.name in done and not r.stage2}
     figs = {
         "weight_norms.png": ("Per-class weight norms", lambda: plots.plot_weight_norms(dirs, labels=names)),
         "marginal_likelihood.png": (
@@ -303,8 +311,7 @@ def table_figures(rows: tuple[TableRow, ...], out: Path, where: dict, seed: int,
         "group_accuracy.png": (
             "Accuracy by group (flip)", lambda: plots.plot_group_accuracy(dirs, labels=names, tta="flip")),
     }
-    for n in stage1:
-        key = next(r for r in rows if r.name == n).stage1
+    for n, key in stage1.items():
         figs[f"norm_evolution_{key}.png"] = (
             f"{n}: weight norms over epochs", lambda d=done[n]: plots.plot_norm_evolution(d))
         figs[f"per_class_accuracy_{key}.png"] = (

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import MLA_TAU, PRESETS
 from ..engine.rundir import read_json
 from ..errors import LtrError
+from .report import fmt_number
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,16 @@ def get_kind(kind: str) -> SweepKind:
     return KINDS[kind]
 
 
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+
+
 def sweep_grid(kind: str, preset: str) -> tuple[float, ...]:
     """The values a preset sweeps by default: its own grid (PRESETS[preset]["sweeps"]) or the kind's."""
     k = get_kind(kind)
-    if preset not in PRESETS:
-        raise LtrError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    check_preset(preset)
     return tuple(PRESETS[preset].get("sweeps", {}).get(k.name, k.grid))
-
-
-def fmt_score(x: float | None) -> str:
-    """An accuracy with two decimals, or a dash for a value that was not measured."""
-    return "–" if x is None else f"{x:.2f}"
 
 
 def read_tuned(sweep_dirs: Sequence[str | os.PathLike], preset: str, dataset: str,
@@ -112,6 +112,6 @@ def tuned_header(chosen: dict[str, tuple[float, dict, Path]], preset: str) -> st
         k = KINDS[name]
         lines.append(f"- {k.label}: **{v:g}** ({k.source}: {k.paper:g}; preset `{preset}`: "
                      f"{info['preset_value']:g}) for {APPLIES[name]}, chosen on validation by `{d}` "
-                     f"(held-out All {fmt_score(info.get('heldout_chosen'))} vs "
-                     f"{fmt_score(info.get('heldout_paper'))} with {k.source}'s value)")
+                     f"(held-out All {fmt_number(info.get('heldout_chosen'))} vs "
+                     f"{fmt_number(info.get('heldout_paper'))} with {k.source}'s value)")
     return "\n".join(lines) + "\n\n"
