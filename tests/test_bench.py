@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from ltr.data import LtrError
-from ltr.experiments.bench import add_arguments, benchmark, estimate_flops, format_result, gpu_peak, run_cli
+from ltr.engine.step import COMPILE_MODES as TRAINER_COMPILE_MODES
+from ltr.engine.step import StepRunner
+from ltr.experiments.bench import (
+    COMPILE_MODES,
+    add_arguments,
+    benchmark,
+    estimate_flops,
+    format_result,
+    gpu_peak,
+    run_cli,
+)
 from ltr.models import build_model
 
 
@@ -156,8 +166,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, on
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    r = benchmark(model="resnet8", device="cpu", steps=2, warmup=1, batch_size=4,
-                  compile_mode="reduce-overhead")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):  # the trainer's own warning
+        r = benchmark(model="resnet8", device="cpu", steps=2, warmup=1, batch_size=4,
+                      compile_mode="reduce-overhead")
     assert calls == [{"dynamic": False, "mode": "reduce-overhead"}]
     assert r["compile_error"] == "RuntimeError: inductor exploded"
     assert r["ltr_settings"]["compile_mode"] == "none"  # what was actually timed
@@ -181,3 +192,45 @@ def test_cuda_default_compiles_at_most_twice() -> None:
     asked = bench_variants(["fp32", "fp16"], ["none", "default"], cuda)  # asked for: every combination
     assert len([p for p in asked if p[1] != "none"]) == 2 and len(asked) == 4
     assert bench_variants(None, ["default"], cuda) == [(auto, "default")]
+
+
+def test_times_the_trainers_step_runner(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """Every ltr step is StepRunner.forward_backward, then .update: the trainer's code, not a copy."""
+    calls = []
+    forward_backward, update = StepRunner.forward_backward, StepRunner.update
+
+    def counted_forward_backward(self, batches):
+        calls.append("forward_backward")
+        return forward_backward(self, batches)
+
+    def counted_update(self, opt):
+        calls.append("update")
+        return update(self, opt)
+
+    monkeypatch.setattr(StepRunner, "forward_backward", counted_forward_backward)
+    monkeypatch.setattr(StepRunner, "update", counted_update)
+    r = benchmark(model="resnet8", device="cpu", steps=2, warmup=1, batch_size=4)
+    assert calls == ["forward_backward", "update"] * 3  # 1 warm-up + 2 timed steps
+    assert r["ltr_img_s"] > 0
+    # Only modes the trainer runs: a recommendation is always a command the trainer takes.
+    assert COMPILE_MODES == ("none", *TRAINER_COMPILE_MODES)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--compile-mode", "max-autotune-no-cudagraphs"])
+
+
+def test_compile_failure_while_timed_is_timed_again(monkeypatch: pytest.MonkeyPatch,
+                                                   one_thread: None) -> None:
+    """Without warm-up the first timed step compiles and fails: those steps are discarded and redone eager."""
+
+    def broken_compile(model, **kwargs):
+        def run(x):
+            raise RuntimeError("inductor exploded")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        r = benchmark(model="resnet8", device="cpu", steps=2, warmup=0, batch_size=4, compile_mode="default")
+    [variant] = r["variants"]
+    assert variant["compile_mode"] == "none" and variant["compile_error"] == "RuntimeError: inductor exploded"
+    assert variant["img_s"] > 0
