@@ -27,10 +27,8 @@ OFFICIAL_STAGE2 = {"pgd_every": "epoch", "bn": "train"}
 # Fields added after runs were first written, with their defaults: a run directory whose config.json
 # lacks one of them was made with the default, so it still matches (and resumes) under today's config.
 FEATURE_REG = 0.01  # Hasegawa & Sato's feature regularisation on CIFAR100-LT (coefficient)
-DEFAULTS_OF_ADDED_FIELDS: dict[str, object] = {
-    "aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False, "reinit": False, "feature_reg": 0.01,
-    "fidelity": "corrected",
-}
+DEFAULTS_OF_ADDED_FIELDS: dict[str, object] = {"aux_weight": 1.0, "ssl": None, "la_tau": 1.0, "lws": False,
+                                               "reinit": False, "feature_reg": 0.01, "fidelity": "corrected"}
 
 
 @dataclass
@@ -88,9 +86,7 @@ class Stage2Config:
     momentum: float = 0.9  # SGD momentum
     seed: int = 0  # seeds batch order
     eval_every: int = 1  # epochs between test evaluations shown in the progress bar
-    # corrected = per-step cosine; official = WB's stage 2: cosine stepped at the start of each epoch (the
-    # last epoch at lr 0), with pgd_every="epoch" and bn="train" (OFFICIAL_STAGE2), fp32
-    fidelity: str = "corrected"  # corrected | official (FIDELITIES)
+    fidelity: str = "corrected"  # corrected | official: WB's stage 2, with OFFICIAL_STAGE2 (FIDELITIES)
 
 
 # A preset's own default sweep grids ("sweeps": kind -> values, tuning.sweep_grid), kept apart from
@@ -99,11 +95,8 @@ class Stage2Config:
 # among them; the stage-1 grid holds the smoke preset's naive (0) and tuned (5e-3) models, so a sweep
 # after notebook 1 or Table 1 trains one new backbone.
 SMOKE_SWEEPS: dict[str, tuple[float, ...]] = {
-    "stage1-wd": (0.0, 1e-3, 5e-3),
-    "tau": (0.0, 1.0, 1.9),
-    "maxnorm": (0.05, 0.1, 0.5),
-    "stage2-wd": (0.0, 1e-2, 0.1),
-    "mla-tau": (0.0, 0.65, 1.3),
+    "stage1-wd": (0.0, 1e-3, 5e-3), "tau": (0.0, 1.0, 1.9), "maxnorm": (0.05, 0.1, 0.5),
+    "stage2-wd": (0.0, 1e-2, 0.1), "mla-tau": (0.0, 0.65, 1.3),
 }
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -130,17 +123,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         "stage2": {},
     },
     # Well under a minute on a 2-core CPU on the synthetic test data; not a paper result.
-    "smoke": {
-        "stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
-        "stage2": {"epochs": 2, "batch_size": 128, "lr": 0.05, "eval_every": 2},
-        "sweeps": SMOKE_SWEEPS,
-    },
+    "smoke": {"stage1": {"model": "resnet8", "epochs": 3, "batch_size": 128, "lr": 0.05, "eval_every": 1},
+              "stage2": {"epochs": 2, "batch_size": 128, "lr": 0.05, "eval_every": 2},
+              "sweeps": SMOKE_SWEEPS},
     # The fastest end-to-end check of the pipeline (tests): one epoch a stage; numbers mean nothing.
-    "tiny": {
-        "stage1": {"model": "resnet8", "epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
-        "stage2": {"epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
-        "sweeps": SMOKE_SWEEPS,
-    },
+    "tiny": {"stage1": {"model": "resnet8", "epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1},
+             "stage2": {"epochs": 1, "batch_size": 256, "lr": 0.05, "eval_every": 1}, "sweeps": SMOKE_SWEEPS},
 }
 
 
@@ -154,8 +142,7 @@ def preset_config(stage: str, preset: str = "paper", **overrides: object) -> Sta
         # One switch: the official code's projection and BN mode come with its schedule (an explicit
         # contrary value is left for validate_stage2 to reject).
         values = {**OFFICIAL_STAGE2, **values}
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
         raise LtrError(f"unknown {stage} config fields {unknown}")
     return cls(**values)
@@ -197,7 +184,7 @@ def validate_stage1(cfg: Stage1Config) -> None:
         raise LtrError(f"--feature-reg must be a number >= 0, got {cfg.feature_reg}")
     if cfg.method != "etf-fr" and cfg.feature_reg != DEFAULTS_OF_ADDED_FIELDS["feature_reg"]:
         raise LtrError("--feature-reg sets the feature regularisation of --method etf-fr")
-    if cfg.fidelity not in ("corrected", "official"):
+    if cfg.fidelity not in FIDELITIES:
         raise LtrError(f"unknown fidelity {cfg.fidelity!r}; use 'corrected' or 'official'")
     _check_common(cfg)
 
@@ -216,28 +203,19 @@ def _check_common(cfg: Stage1Config | Stage2Config) -> None:
 def validate_stage2(cfg: Stage2Config) -> None:
     """Reject stage-2 configs that cannot run or contradict themselves."""
     _check_common(cfg)
-    choices = {
-        "loss": STAGE2_LOSSES,
-        "cb_variant": CB_VARIANTS,
-        "fidelity": FIDELITIES,
-        "pgd_every": ("step", "epoch"),
-        "trainable": ("fc", "last2"),
-        "bn": ("eval", "train"),
-        "sampling": ("instance", "balanced"),
-        "posthoc": (None, *STAGE2_POSTHOC),
-    }
+    choices = {"loss": STAGE2_LOSSES, "cb_variant": CB_VARIANTS, "fidelity": FIDELITIES,
+               "pgd_every": ("step", "epoch"), "trainable": ("fc", "last2"), "bn": ("eval", "train"),
+               "sampling": ("instance", "balanced"), "posthoc": (None, *STAGE2_POSTHOC)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise LtrError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
     if cfg.fidelity == "official" and cfg.posthoc is None:
         wrong = {k: getattr(cfg, k) for k, v in OFFICIAL_STAGE2.items() if getattr(cfg, k) != v}
         if wrong:
-            raise LtrError(
-                "--fidelity official is WB's stage 2 as one switch (epoch-stepped cosine, "
-                + ", ".join(f"{k}={v!r}" for k, v in OFFICIAL_STAGE2.items()) + "); it cannot run with "
-                + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-                + ": drop those, or use --fidelity corrected with them"
-            )
+            raise LtrError("--fidelity official is WB's stage 2 as one switch (epoch-stepped cosine, "
+                           + ", ".join(f"{k}={v!r}" for k, v in OFFICIAL_STAGE2.items()) + "); it cannot run "
+                           "with " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+                           + ": drop those, or use --fidelity corrected with them")
     if cfg.maxnorm is not None and not (0 < cfg.maxnorm <= 1):
         raise LtrError(f"--maxnorm must be in (0, 1] (the thresh of docs/recipe.md §4), got {cfg.maxnorm}")
     if cfg.tau < 0:
@@ -259,12 +237,8 @@ def validate_stage2(cfg: Stage2Config) -> None:
         raise LtrError("--lws rescales the stage-1 classifier as it is: drop --reinit / --loss ldam-drw")
     if cfg.posthoc is not None:
         trained = {
-            f"--loss {cfg.loss}": cfg.loss != "ce",
-            "--lws": cfg.lws,
-            "--reinit": cfg.reinit,
-            "--wd": cfg.wd != 0,
-            "--maxnorm": cfg.maxnorm is not None,
-            "--unit-norm": cfg.unit_norm,
+            f"--loss {cfg.loss}": cfg.loss != "ce", "--lws": cfg.lws, "--reinit": cfg.reinit,
+            "--wd": cfg.wd != 0, "--maxnorm": cfg.maxnorm is not None, "--unit-norm": cfg.unit_norm,
             "--trainable last2": cfg.trainable != "fc",
             "--bn train": cfg.bn != "eval" and cfg.fidelity == "corrected",
             "--fidelity official": cfg.fidelity != "corrected",
@@ -272,11 +246,9 @@ def validate_stage2(cfg: Stage2Config) -> None:
         }
         clash = [flag for flag, on in trained.items() if on]
         if clash:
-            raise LtrError(
-                f"--posthoc {cfg.posthoc} adjusts a trained classifier without training; "
-                f"it cannot be combined with {', '.join(clash)}. Drop those flags, or drop "
-                "--posthoc to retrain"
-            )
+            raise LtrError(f"--posthoc {cfg.posthoc} adjusts a trained classifier without training; it "
+                           f"cannot be combined with {', '.join(clash)}. Drop those flags, or drop --posthoc "
+                           "to retrain")
 
 
 def stage2_name(cfg: Stage2Config) -> str:
@@ -289,9 +261,7 @@ def stage2_name(cfg: Stage2Config) -> str:
         loss = "cb-official"
     elif loss == "la" and cfg.la_tau != 1.0:
         loss = f"la{_fmt(cfg.la_tau)}"
-    parts = [loss]
-    if cfg.trainable != "fc":
-        parts.insert(0, cfg.trainable)
+    parts = ([cfg.trainable] if cfg.trainable != "fc" else []) + [loss]
     if cfg.sampling != "instance":
         parts.append(cfg.sampling)
     if cfg.reinit:
@@ -314,20 +284,15 @@ def stage2_name(cfg: Stage2Config) -> str:
 
 
 def stage2_inert_fields(cfg: Stage2Config) -> tuple[str, ...]:
-    """Fields that do not change what a stage-2 run computes (cb_variant without the CB loss).
-
-    A run directory made when such a field had another default is still the same run, so it is reused.
-    """
+    """Fields that do not change what a stage-2 run computes (cb_variant without the CB loss): a run
+    directory made when such a field had another default is still the same run, so it is reused."""
     return ("cb_variant",) if cfg.loss != "cb" else ()
 
 
 def stage2_recipe_fields(fields: dict) -> dict:
-    """Stage-2 fields with the defaults a named recipe implies (the CLI and stage2_from share them).
-
-    crt=True: cRT (Kang et al.) retrains a re-initialised classifier on class-balanced batches. posthoc mla
-    without tau: Hasegawa & Sato's tau for CIFAR100-LT (MLA_TAU), not tau-norm's 1.9. lws: Kang et al. learn
-    the scales on class-balanced batches.
-    """
+    """Stage-2 fields with the defaults a named recipe implies (the CLI and stage2_from share them): crt =
+    cRT (Kang et al.), a re-initialised classifier on class-balanced batches; lws (Kang et al.) learns on
+    class-balanced batches; posthoc mla without tau: Hasegawa & Sato's MLA_TAU, not tau-norm's 1.9."""
     fields = dict(fields)
     if fields.pop("crt", False):
         if fields.get("sampling") not in (None, "balanced"):
@@ -341,11 +306,9 @@ def stage2_recipe_fields(fields: dict) -> dict:
 
 
 def read_recorded_config(config: dict, recorded: dict, inert: tuple[str, ...] = ()) -> dict:
-    """config as an older run directory would have recorded it, so that the two compare field by field.
-
-    A field the record lacks was added later: left out where config holds its default. inert fields
-    (stage2_inert_fields) take the recorded value: they do not change the run.
-    """
+    """config as an older run directory would have recorded it, so that the two compare field by field: a
+    field the record lacks (added later) is left out where config holds its default; inert fields
+    (stage2_inert_fields) take the recorded value, as they do not change the run."""
     missing = object()
     config = {k: v for k, v in config.items()
               if k in recorded or (k not in inert and DEFAULTS_OF_ADDED_FIELDS.get(k, missing) != v)}

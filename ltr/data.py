@@ -37,19 +37,12 @@ def check_imbalance(imbalance: object) -> float:
     try:
         value = float(imbalance)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DataError(
-            f"imbalance factor {imbalance!r} is not a number; use e.g. 100, 50 or 10 "
-            "(n_max / n_min; 1 means balanced)"
-        ) from None
+        raise DataError(f"imbalance factor {imbalance!r} is not a number; use e.g. 100, 50 or 10 "
+                        "(n_max / n_min; 1 means balanced)") from None
     if not np.isfinite(value) or value < 1:
-        raise DataError(
-            f"imbalance factor {imbalance!r} must be a number >= 1 (n_max / n_min); "
-            "the paper uses 100, 50 and 10"
-        )
+        raise DataError(f"imbalance factor {imbalance!r} must be a number >= 1 (n_max / n_min); "
+                        "the paper uses 100, 50 and 10")
     return value
-
-
-# ---------------------------------------------------------------- long tail
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
@@ -57,9 +50,7 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int
     imbalance = check_imbalance(imbalance)
     if num_classes < 2:
         return [int(n_max)] * num_classes
-    return [
-        int(n_max * (1.0 / imbalance) ** (i / (num_classes - 1.0))) for i in range(num_classes)
-    ]
+    return [int(n_max * (1.0 / imbalance) ** (i / (num_classes - 1.0))) for i in range(num_classes)]
 
 
 def long_tail_indices(labels: np.ndarray, counts: list[int]) -> np.ndarray:
@@ -76,11 +67,9 @@ def long_tail_indices(labels: np.ndarray, counts: list[int]) -> np.ndarray:
 def class_groups(counts: list[int] | np.ndarray) -> dict[str, list[int]]:
     """Many (> 100), Medium (20..100) and Few (< 20) classes by training count."""
     counts = list(counts)
-    return {
-        "many": [c for c, n in enumerate(counts) if n > MANY_ABOVE],
-        "medium": [c for c, n in enumerate(counts) if FEW_BELOW <= n <= MANY_ABOVE],
-        "few": [c for c, n in enumerate(counts) if n < FEW_BELOW],
-    }
+    return {"many": [c for c, n in enumerate(counts) if n > MANY_ABOVE],
+            "medium": [c for c, n in enumerate(counts) if FEW_BELOW <= n <= MANY_ABOVE],
+            "few": [c for c, n in enumerate(counts) if n < FEW_BELOW]}
 
 
 def split_test(labels: np.ndarray, per_class: int = VAL_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
@@ -123,25 +112,14 @@ class LTData:
 
     def summary(self) -> dict:
         """Split sizes, group sizes and the count profile as plain JSON types."""
-        return {
-            "dataset": self.dataset,
-            "imbalance": self.imbalance,
-            "classes": self.num_classes,
-            "train": int(len(self.train_y)),
-            "test": int(len(self.test_y)),
-            "val": int(len(self.val_idx)),
-            "heldout": int(len(self.heldout_idx)),
-            "groups": {k: len(v) for k, v in self.groups.items()},
-            "counts": [int(n) for n in self.counts],
-        }
+        return {"dataset": self.dataset, "imbalance": self.imbalance, "classes": self.num_classes,
+                "train": int(len(self.train_y)), "test": int(len(self.test_y)), "val": int(len(self.val_idx)),
+                "heldout": int(len(self.heldout_idx)), "groups": {k: len(v) for k, v in self.groups.items()},
+                "counts": [int(n) for n in self.counts]}
 
 
-def load_cifar_lt(
-    root: str | os.PathLike = "data",
-    dataset: str = "cifar100",
-    imbalance: float = 100,
-    download: bool = False,
-) -> LTData:
+def load_cifar_lt(root: str | os.PathLike = "data", dataset: str = "cifar100", imbalance: float = 100,
+                  download: bool = False) -> LTData:
     """Build CIFAR100-LT / CIFAR10-LT from the files under root (docs/recipe.md §1.2 and §1.3)."""
     info = dataset_info(dataset)
     imbalance = check_imbalance(imbalance)
@@ -155,34 +133,17 @@ def load_cifar_lt(
     per_class = np.bincount(train_y, minlength=info.num_classes)
     n_max = int(per_class.max()) if len(per_class) else 0
     if per_class.min() != n_max:
-        raise DataError(
-            f"the training split under {root / info.folder} is not balanced "
-            f"({per_class.min()}..{n_max} images a class); the LT set is built from the "
-            "balanced original"
-        )
+        raise DataError(f"the training split under {root / info.folder} is not balanced ({per_class.min()}.."
+                        f"{n_max} images a class); the LT set is built from the balanced original")
     counts = long_tail_counts(n_max, info.num_classes, imbalance)
     if min(counts) < 1:
-        raise DataError(
-            f"imbalance factor {imbalance:g} leaves a class with no image ({n_max} a class in "
-            f"the data); use a smaller factor (at most {n_max})"
-        )
+        raise DataError(f"imbalance factor {imbalance:g} leaves a class with no image ({n_max} a class in "
+                        f"the data); use a smaller factor (at most {n_max})")
     keep = long_tail_indices(train_y, counts)
     val_idx, heldout_idx = split_test(test_y)
-    return LTData(
-        dataset=dataset,
-        imbalance=imbalance,
-        train_x=train_x[keep],
-        train_y=train_y[keep],
-        test_x=test_x,
-        test_y=test_y,
-        counts=counts,
-        class_names=read_class_names(root, dataset),
-        val_idx=val_idx,
-        heldout_idx=heldout_idx,
-    )
-
-
-# ---------------------------------------------------------------- device batches
+    return LTData(dataset=dataset, imbalance=imbalance, train_x=train_x[keep], train_y=train_y[keep],
+                  test_x=test_x, test_y=test_y, counts=counts, class_names=read_class_names(root, dataset),
+                  val_idx=val_idx, heldout_idx=heldout_idx)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -232,34 +193,23 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
 class DeviceLoader:
     """Batches from a split kept whole on the device as uint8; shuffling and augmentation there."""
 
-    def __init__(
-        self,
-        images: np.ndarray | torch.Tensor,
-        labels: np.ndarray | torch.Tensor,
-        batch_size: int,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-        train: bool = True,
-        sampling: str = "instance",
-        num_classes: int | None = None,
-        shard: tuple[int, int] = (0, 1),
-    ) -> None:
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, batch_size: int,
+                 device: str | torch.device = "cpu", seed: int = 0, train: bool = True,
+                 sampling: str = "instance", num_classes: int | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if sampling not in ("instance", "balanced"):
             raise LtrError(f"unknown sampling {sampling!r}; use 'instance' or 'balanced'")
         self.device = torch.device(device)
         self.x = torch.as_tensor(images).to(self.device)
         self.y = torch.as_tensor(labels, dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
-        self.train = train
-        self.sampling = sampling
+        self.train, self.sampling = train, sampling
         # (rank, world): every process draws and augments the same global batch, then keeps its slice,
         # so the union of the shards is exactly the single-process batch.
         self.rank, self.world = shard
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(int(seed))
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         c = int(num_classes if num_classes is not None else int(self.y.max()) + 1)
-        counts = torch.bincount(self.y, minlength=c)
-        self._class_counts = counts
+        self._class_counts = counts = torch.bincount(self.y, minlength=c)
         self._class_start = torch.cumsum(counts, 0) - counts
         self._by_class = torch.argsort(self.y, stable=True)
         self._present = torch.nonzero(counts > 0).flatten()
@@ -275,10 +225,8 @@ class DeviceLoader:
         if self.sampling == "instance":
             return torch.randperm(n, device=self.device, generator=self.generator)
         # Class uniform (among classes that have images), then an image uniform within it.
-        pick = torch.randint(
-            0, len(self._present), (n,), device=self.device, generator=self.generator
-        )
-        cls = self._present[pick]
+        cls = self._present[torch.randint(0, len(self._present), (n,), device=self.device,
+                                          generator=self.generator)]
         u = torch.rand(n, device=self.device, generator=self.generator)
         offset = (u * self._class_counts[cls]).long().clamp_max(self._class_counts[cls] - 1)
         return self._by_class[self._class_start[cls] + offset]

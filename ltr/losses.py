@@ -22,17 +22,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def class_balanced_ce(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def class_balanced_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with per-sample weight w_y, averaged over the batch (not over the weights)."""
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     return (weights[targets] * ce).mean()
 
 
-def class_balanced_softmax_bce(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def class_balanced_softmax_bce(logits: torch.Tensor, targets: torch.Tensor,
+                               weights: torch.Tensor) -> torch.Tensor:
     """The official code's variant: binary cross-entropy on softmax probabilities, weight w_y."""
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(targets, probs.shape[1]).float()
@@ -40,16 +37,13 @@ def class_balanced_softmax_bce(
     return F.binary_cross_entropy(probs, onehot, weight=w)
 
 
-def logit_adjusted_ce(
-    logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor, tau: float = 1.0
-) -> torch.Tensor:
+def logit_adjusted_ce(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+                      tau: float = 1.0) -> torch.Tensor:
     """Menon et al.'s logit-adjusted loss: CE on logits + tau * log prior."""
     return F.cross_entropy(logits.float() + tau * log_prior, targets)
 
 
-def balanced_softmax(
-    logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor
-) -> torch.Tensor:
+def balanced_softmax(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """Ren et al.'s balanced softmax: logit adjustment with tau = 1."""
     return logit_adjusted_ce(logits, targets, log_prior, 1.0)
 
@@ -84,14 +78,8 @@ class LDAMLoss:
         return F.cross_entropy(self.scale * shifted, targets, weight=self.weight)
 
 
-def make_loss(
-    name: str,
-    counts: list[int],
-    device: torch.device,
-    cb_variant: str = "official",
-    beta: float = 0.9999,
-    tau: float = 1.0,
-):
+def make_loss(name: str, counts: list[int], device: torch.device, cb_variant: str = "official",
+              beta: float = 0.9999, tau: float = 1.0):
     """A loss (logits, targets) -> scalar by name: ce, cb, la (tau), bs, ldam-drw (on cosine logits)."""
     if name == "ce":
         return cross_entropy

@@ -27,21 +27,10 @@ def _eval_batches(model: nn.Module, images: torch.Tensor, batch_size: int, dtype
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
-def predict_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    batch_size: int = 1024,
-    flip: bool = False,
-    dtype: torch.dtype | None = None,
-    amp: bool = False,
-) -> torch.Tensor:
-    """Float32 logits for uint8 images on the model's device; flip=True averages with the mirror.
-
-    dtype: autocast dtype (torch.bfloat16 / torch.float16), None for fp32; amp=True is the older
-    spelling of dtype=torch.bfloat16.
-    """
-    if dtype is None and amp:
-        dtype = torch.bfloat16
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, flip: bool = False,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float32 logits for uint8 images on the model's device; flip=True averages with the mirror; dtype:
+    the autocast dtype (torch.bfloat16 / torch.float16), None for fp32."""
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         out = model(x).float()
@@ -114,11 +103,8 @@ def cone_effect(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     same = float((s_c.square().sum(1) - self_c).sum())
     same_pairs = float((n_c * (n_c - 1)).sum())
     diff_pairs = float(n * (n - 1)) - same_pairs
-    return {
-        "all": total / (n * (n - 1)),
-        "same": same / same_pairs if same_pairs else None,
-        "different": (total - same) / diff_pairs if diff_pairs else None,
-    }
+    return {"all": total / (n * (n - 1)), "same": same / same_pairs if same_pairs else None,
+            "different": (total - same) / diff_pairs if diff_pairs else None}
 
 
 def feature_analysis(features: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -157,37 +143,23 @@ def _summary(logits: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> t
     return group_accuracy(pca, counts), pca.tolist()
 
 
-def evaluate(
-    model: nn.Module,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    counts: list[int],
-    val_idx: torch.Tensor | None = None,
-    heldout_idx: torch.Tensor | None = None,
-    amp: bool = False,
-    predict: Callable[[bool], torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
-) -> dict:
-    """What metrics.json records, plain and flip-averaged, on the full test set and its halves.
-
-    predict(flip) gives the test logits when they can be had without a pass over the images; dtype is
-    the autocast dtype of that pass (None = fp32; amp=True is the older spelling of bf16).
-    """
+def evaluate(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, counts: list[int],
+             val_idx: torch.Tensor | None = None, heldout_idx: torch.Tensor | None = None,
+             predict: Callable[[bool], torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> dict:
+    """What metrics.json records, plain and flip-averaged, on the full test set and its halves. predict(flip)
+    gives the test logits when they can be had without a pass over the images (dtype: its autocast)."""
     if predict is None:
         def predict(flip: bool) -> torch.Tensor:
-            return predict_logits(model, test_x, flip=flip, dtype=dtype, amp=amp)
+            return predict_logits(model, test_x, flip=flip, dtype=dtype)
 
-    plain = predict(False)
-    flipped = predict(True)
+    plain, flipped = predict(False), predict(True)
     out: dict = {}
     out["plain"], out["per_class_acc"] = _summary(plain, test_y, counts)
     out["flip"], out["per_class_acc_flip"] = _summary(flipped, test_y, counts)
     for name, idx in (("val", val_idx), ("heldout", heldout_idx)):
         if idx is not None and len(idx):
-            out[name] = {
-                "plain": _summary(plain[idx], test_y[idx], counts)[0],
-                "flip": _summary(flipped[idx], test_y[idx], counts)[0],
-            }
+            out[name] = {"plain": _summary(plain[idx], test_y[idx], counts)[0],
+                         "flip": _summary(flipped[idx], test_y[idx], counts)[0]}
     out["weight_norms"] = weight_norms(model).cpu().tolist()
     out["marginal_likelihood"] = marginal_likelihood(plain).cpu().tolist()
     out["counts"] = list(counts)

@@ -46,8 +46,7 @@ class _CifarBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.stride = stride
-        self.pad = cout - cin
+        self.stride, self.pad = stride, cout - cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -160,10 +159,7 @@ def simplex_etf(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def fix_etf_classifier(model: nn.Module, seed: int) -> None:
     """Make model.fc Hasegawa & Sato's classifier: simplex-ETF weight (fixed, requires_grad False), bias 0.
-
-    The bias stays a trained parameter (under the run's weight decay). The weight is part of the
-    state_dict, so checkpoints (and load_stage1) carry it as it is.
-    """
+    The bias stays trained (under the run's weight decay); checkpoints carry the weight in the state_dict."""
     fc = model.fc
     fc.weight.copy_(simplex_etf(fc.out_features, fc.in_features, seed).to(fc.weight))
     fc.weight.requires_grad_(False)

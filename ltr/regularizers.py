@@ -58,12 +58,11 @@ def logit_adjust_bias(bias: torch.Tensor, counts: list[int], tau: float = 1.0) -
 
 @torch.no_grad()
 def multiplicative_logit_adjust(fc: nn.Linear, counts: list[int], tau: float) -> None:
-    """Multiplicative logit adjustment (Hasegawa & Sato) in place: z_c <- z_c / p(c) ** tau.
+    """Multiplicative logit adjustment (Hasegawa & Sato) in place: z_c <- z_c / p(c) ** tau, p(c) = n_c / n.
 
-    p(c) = n_c / sum n is the training prior. Row c of fc.weight and fc.bias[c] are both divided by
-    p(c) ** tau, so every evaluation of fc (plain, flip-averaged, marginal likelihood) sees the adjusted
-    logits. Meant for the fixed-ETF classifier of `--method etf-fr`, whose rows all have norm 1; on any
-    other classifier it is the same per-class rescaling, plain multiplicative adjustment.
+    Row c of fc.weight and fc.bias[c] are both divided by p(c) ** tau, so every evaluation of fc (plain,
+    flip-averaged, marginal likelihood) sees the adjusted logits. Meant for the unit-norm fixed-ETF rows of
+    `--method etf-fr`; on any other classifier it is plain multiplicative adjustment.
     """
     prior = torch.as_tensor(counts, dtype=torch.float64)
     scale = (prior / prior.sum()).pow(-float(tau))
@@ -79,8 +78,7 @@ class ScaledLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = fc.in_features, fc.out_features
         # The stage-1 parameters themselves (not copies): the caller freezes them, only `scale` learns.
-        self.weight = fc.weight
-        self.bias = fc.bias
+        self.weight, self.bias = fc.weight, fc.bias
         self.scale = nn.Parameter(torch.ones(fc.out_features, device=fc.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +93,6 @@ def apply_posthoc(kind: str, fc: nn.Linear, counts: list[int], tau: float, la_ta
     elif kind == "tau-norm":
         tau_normalize(fc.weight, tau)
     elif kind == "mla":
-        # Rows and bias divided by prior_c ** tau: every evaluation sees logit_c / prior_c ** tau.
         multiplicative_logit_adjust(fc, counts, tau)
     else:
         # In the bias, so that every evaluation (plain, flip, marginal likelihood) sees it.

@@ -27,14 +27,8 @@ def _dump(path: Path, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def write_fake_cifar(
-    root: str | os.PathLike,
-    dataset: str = "cifar100",
-    train_per_class: int = 200,
-    test_per_class: int = 25,
-    learnable: bool = True,
-    seed: int = 0,
-) -> Path:
+def write_fake_cifar(root: str | os.PathLike, dataset: str = "cifar100", train_per_class: int = 200,
+                     test_per_class: int = 25, learnable: bool = True, seed: int = 0) -> Path:
     """Write a dataset folder in the official layout (not real CIFAR: synthetic images)."""
     info = DATASETS[dataset]
     rng = np.random.default_rng(seed)
@@ -47,19 +41,17 @@ def write_fake_cifar(
         rng.shuffle(labels)
         return _class_images(labels, rng, learnable), labels
 
+    def dump_split(name: str, x: np.ndarray, y: np.ndarray, filenames: list[bytes]) -> None:
+        obj = {b"data": x, info.label_key: y.tolist(), b"filenames": filenames}
+        if dataset == "cifar100":
+            obj[b"coarse_labels"] = (y // 5).tolist()
+        _dump(folder / name, obj)
+
     x, y = split(train_per_class)
     parts = np.array_split(np.arange(len(y)), len(info.train_files))
     for name, idx in zip(info.train_files, parts, strict=True):
-        obj = {b"data": x[idx], info.label_key: y[idx].tolist(),
-               b"filenames": [f"img_{i}.png".encode() for i in idx]}
-        if dataset == "cifar100":
-            obj[b"coarse_labels"] = (y[idx] // 5).tolist()
-        _dump(folder / name, obj)
+        dump_split(name, x[idx], y[idx], [f"img_{i}.png".encode() for i in idx])
     x, y = split(test_per_class)
-    obj = {b"data": x, info.label_key: y.tolist(),
-           b"filenames": [f"test_{i}.png".encode() for i in range(len(y))]}
-    if dataset == "cifar100":
-        obj[b"coarse_labels"] = (y // 5).tolist()
-    _dump(folder / info.test_files[0], obj)
+    dump_split(info.test_files[0], x, y, [f"test_{i}.png".encode() for i in range(len(y))])
     _dump(folder / info.meta_file, {info.names_key: [f"class{i}".encode() for i in range(c)]})
     return folder

@@ -42,24 +42,17 @@ def check_batch(batch_size: int) -> None:
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """module wrapped in DistributedDataParallel under torchrun; the module itself in one process.
-
-    DDP buckets the gradients and all-reduces each bucket (a mean over the ranks) as soon as the
-    backward pass has produced it, overlapping communication with the rest of the backward pass.
-    """
+    """module wrapped in DistributedDataParallel under torchrun (each gradient bucket all-reduced as soon
+    as the backward pass has produced it, overlapping communication); the module itself in one process."""
     if world()[1] == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
-        module,
-        device_ids=[device] if device.type == "cuda" else None,
-        # Gradients live in the communication buckets: no copy between them and .grad.
-        gradient_as_bucket_view=True,
-        # Every rank computes the same BN statistics (SyncBatchNorm on CUDA) or keeps its own (gloo);
-        # re-broadcasting rank 0's buffers before every forward would only add a collective.
-        broadcast_buffers=False,
-    )
+    # gradient_as_bucket_view: gradients live in the communication buckets, no copy between them and .grad.
+    # broadcast_buffers=False: every rank computes the same BN statistics (SyncBatchNorm on CUDA) or keeps
+    # its own (gloo); re-broadcasting rank 0's buffers before every forward would only add a collective.
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def sum_across(*tensors: torch.Tensor) -> None:

@@ -32,29 +32,23 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device, fidelity: str = "corrected") -> str:
     """The precision a run trains in: auto = bf16 on GPUs with native bf16, fp16 on older GPUs, else fp32.
 
-    fidelity "official" reproduces the official code, which trains in fp32: auto gives fp32 there, and
-    asking for a half precision with it is a contradiction. An explicit bf16 or fp16 is honoured on any
-    device (CPU autocast has both; the tests train fp16 on CPU), with a warning for emulated bf16.
+    fidelity "official" trains in fp32, as the official code does. An explicit bf16 or fp16 is honoured on
+    any device (CPU autocast has both; the tests train fp16 on CPU), with a warning for emulated bf16.
     """
     check_precision(precision)
     if fidelity == "official":
         if precision not in ("auto", "fp32"):
-            raise LtrError(
-                f"--fidelity official reproduces the official code, which trains in fp32; drop "
-                f"--precision {precision} (or pass --precision fp32)"
-            )
+            raise LtrError(f"--fidelity official reproduces the official code, which trains in fp32; drop "
+                           f"--precision {precision} (or pass --precision fp32)")
         return "fp32"
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
         return "bf16" if native_bf16(device) else "fp16"
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
-        warnings.warn(
-            f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic (compute capability below "
-            f"{BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]}): bf16 runs emulated and slowly; --precision fp16 "
-            "(or auto) is the fast choice here",
-            stacklevel=2,
-        )
+        warnings.warn(f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic (compute capability "
+                      f"below {BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]}): bf16 runs emulated and slowly; "
+                      "--precision fp16 (or auto) is the fast choice here", stacklevel=2)
     return precision
 
 

@@ -20,13 +20,8 @@ from ..errors import LtrError
 def git_commit() -> str:
     """The commit of the checkout this package runs from, or 'unknown'."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -60,10 +55,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise LtrError(
-            f"{path} is corrupt or not an ltr checkpoint ({type(exc).__name__}); delete it to "
-            "retrain this run, or point to the right run directory"
-        ) from None
+        raise LtrError(f"{path} is corrupt or not an ltr checkpoint ({type(exc).__name__}); delete it to "
+                       "retrain this run, or point to the right run directory") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise LtrError(f"{path} is not an ltr checkpoint (no 'model' entry)")
     return ckpt
@@ -94,10 +87,9 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 if self._holder_alive():
-                    raise LtrError(
-                        f"another process ({self.path.read_text().strip()}) is writing "
-                        f"{self.path.parent}; wait for it to finish or choose another --out"
-                    ) from None
+                    raise LtrError(f"another process ({self.path.read_text().strip()}) is writing "
+                                   f"{self.path.parent}; wait for it to finish or choose another "
+                                   "--out") from None
                 self.path.unlink(missing_ok=True)  # left by a process that died
                 continue
             os.write(fd, me.encode())
@@ -152,17 +144,13 @@ def claim_run_dir(out: Path, stage: str, config: dict) -> dict | None:
     if cfg_path.exists():
         old = read_json(cfg_path)
         if old.get("stage") != stage:
-            raise LtrError(
-                f"{out} holds a {old.get('stage')} run, not a {stage} run; choose another --out"
-            )
+            raise LtrError(f"{out} holds a {old.get('stage')} run, not a {stage} run; choose another --out")
         prev = old.get("config", {})
         diff = sorted(k for k in set(prev) | set(config) if prev.get(k) != config.get(k))
         if diff:
             detail = ", ".join(f"{k}: {prev.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise LtrError(
-                f"{out} holds a run with a different config ({detail}); it is kept as it is. "
-                "Choose another --out, or delete that directory to redo it"
-            )
+            raise LtrError(f"{out} holds a run with a different config ({detail}); it is kept as it is. "
+                           "Choose another --out, or delete that directory to redo it")
         if (out / "metrics.json").exists():
             return read_json(out / "metrics.json")
     return None
