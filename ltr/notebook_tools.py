@@ -512,10 +512,8 @@ def norm_table(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
 def at_this_scale(session: Session, naive: str | os.PathLike, wd: str | os.PathLike) -> pd.DataFrame:
     """Which of WB's stage-1 claims show at this scale, which do not, and why, every number from a file.
 
-    Displays scale_table and prints one line a claim: WB's change (PAPER_TABLE1), ours (table1.csv,
-    mean over seeds), and the evidence (training accuracy from the runs' history.csv, the crossover in
-    WB's logs, the norm ratio from the runs' metrics.json).
-    """
+    One line a claim: WB's change (PAPER_TABLE1), ours (table1.csv, mean over seeds), and the evidence
+    (training accuracy in history.csv, the crossover in WB's logs, the norm ratio in metrics.json)."""
     from IPython.display import display
 
     ref = session.reference
