@@ -141,11 +141,12 @@ def test_the_lt50_pack_unpacks_and_is_recognised(tmp_path: Path) -> None:
         helper.check_data(tmp_path, ["--imbalance", "100", "10"])
 
 
-def test_tracked_files_stay_under_8_mib() -> None:
+def test_tracked_files_stay_under_9_mib() -> None:
     """The tree travels with the 54 MB data pack to a GPU machine that takes 64 MiB in all."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     proc = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
     files = [REPO / f for f in proc.stdout.decode().split("\0") if f]
     total = sum(f.stat().st_size for f in files if f.is_file())
-    assert total < 8 * 2**20, f"tracked files hold {total / 2**20:.1f} MiB"
+    # 9 MiB: the limit the course issue set once the notebooks' reference weights were committed.
+    assert total < 9 * 2**20, f"tracked files hold {total / 2**20:.1f} MiB"
