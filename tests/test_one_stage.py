@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import replace
@@ -19,6 +18,7 @@ from ltr import notebook_tools, plots
 from ltr.cli import main
 from ltr.config import DEFAULTS_OF_ADDED_FIELDS, MLA_TAU, Stage1Config, run_name
 from ltr.data import LtrError, load_cifar_lt
+from ltr.engine.step import StepRunner
 from ltr.experiments.sweep import run_sweep
 from ltr.methods import feature_regularized_step
 from ltr.models import build_model, simplex_etf
@@ -74,8 +74,9 @@ def test_feature_regularized_loss() -> None:
     torch.manual_seed(0)
     model = build_model("resnet8", 10)
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    step = feature_regularized_step(F.cross_entropy, 0.01)
-    loss, logits, yy = step(model, ((x, y),), contextlib.nullcontext)
+    # The trainer's own step runner: forward, loss and backward, as one training step computes them.
+    runner = StepRunner(model, feature_regularized_step(F.cross_entropy, 0.01), torch.device("cpu"))
+    loss, logits, yy = runner.forward_backward(((x, y),))
     f = model.features(x)
     want = F.cross_entropy(model.fc(f), y) + 0.01 * (f * f).sum(1).mean() / 2
     assert torch.allclose(loss, want) and torch.equal(yy, y) and logits.shape == (6, 10)
